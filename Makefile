@@ -1,0 +1,29 @@
+# `make demo`: set up what is missing, then run the pipeline on the built-in task.
+# `make test`: set up what is missing, then run the tests.
+PY ?= python3
+STAMP := .setup-done
+
+.PHONY: setup demo test clean
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@# torch only when missing: an open-ended `torch` requirement would pull the newest CUDA build (GBs).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	@# triton has Linux wheels only; elsewhere the kernel tests skip and the PyTorch paths run.
+	if [ "$$(uname -s)" = Linux ]; then $(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton==3.9.0; fi
+	$(PY) -m pip install -e ".[test]"
+	$(PY) -m nanorlhf.tokenizer --fetch
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m nanorlhf.tasks --out data
+	$(PY) train_sft.py
+	$(PY) train_rm.py
+	$(PY) train_ppo.py
+	$(PY) -m nanorlhf.evaluate
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf out data $(STAMP)

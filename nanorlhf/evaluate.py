@@ -1,0 +1,167 @@
+"""Sampling for evaluation, the held-out gold score, and the final comparison table of `make demo`.
+
+    python -m nanorlhf.evaluate      # SFT vs SFT best-of-4 (reranked by the RM) vs PPO on held-out prompts
+
+Each policy samples one response per prompt at the same temperature. For each we report the mean gold score
+(the scripted labeler's judgment: the quantity RLHF is meant to raise) with its standard error, and the mean RM
+score (the proxy PPO optimises). KL(PPO || SFT) is the mean over PPO's samples of sum_t log pi_PPO(y_t) - log
+pi_SFT(y_t), an unbiased estimate of the KL between the two response distributions.
+"""
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanorlhf import checkpoint, tasks
+from nanorlhf.model import GPT, ScalarModel, generate, response_logprobs, response_mask
+from nanorlhf.tokenizer import decode, encode
+
+
+def rollouts(model, prompts, max_new_tokens, temperature=1.0, batch_size=64, generator=None, ref=None):
+    """One sampled response per prompt: [(text without <|endoftext|>, ended, sum log pi - log ref or None)]."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        batch = [encode(p) for p in prompts[i:i + batch_size]]
+        r = generate(model, batch, max_new_tokens, temperature=temperature, generator=generator)
+        P, L = r["prompt_len"], r["resp_len"]
+        kl = [None] * len(batch)
+        if ref is not None:  # log-ratio of the whole response under model vs ref, at the same temperature
+            with torch.no_grad():
+                mask = response_mask(L, r["tokens"].shape[1] - P)
+                ref_logp = response_logprobs(ref, r["tokens"], r["start"], P, mask, temperature)
+                kl = ((r["logprobs"] - ref_logp) * mask).sum(1).tolist()
+        for b in range(len(batch)):
+            toks = r["tokens"][b, P:P + int(L[b])].tolist()
+            ended = bool(r["ended"][b])
+            out.append((decode(toks[:-1] if ended else toks), ended, kl[b]))
+    model.train(was_training)
+    return out
+
+
+def sample_responses(model, prompts, max_new_tokens, temperature=1.0, batch_size=64, generator=None):
+    """One sampled response per prompt: [(text without <|endoftext|>, ended with it)]."""
+    return [(t, e) for t, e, _ in rollouts(model, prompts, max_new_tokens, temperature, batch_size, generator)]
+
+
+def mean_stderr(xs):
+    n = len(xs)
+    m = sum(xs) / n
+    var = sum((x - m) ** 2 for x in xs) / max(1, n - 1)
+    return m, math.sqrt(var / n)
+
+
+def gold(prompt, text, ended):
+    """The gold score of a sample; a response that never produced <|endoftext|> did not finish and scores 0."""
+    return tasks.gold_score(prompt, text) if ended else 0.0
+
+
+def gold_eval(model, prompts, max_new_tokens, temperature=1.0, batch_size=64, seed=0):
+    """Mean gold score and its standard error of sampled responses on prompts of the built-in task."""
+    prompts = [p for p in prompts if tasks.is_task_prompt(p)]
+    if not prompts:
+        return None
+    g = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    samples = sample_responses(model, prompts, max_new_tokens, temperature, batch_size, g)
+    return mean_stderr([gold(p, t, e) for p, (t, e) in zip(prompts, samples)])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The final table
+
+@dataclass
+class EvalConfig:
+    """Compare SFT, SFT best-of-n reranked by the RM, and PPO on held-out prompts of the built-in task."""
+
+    sft: str = "out/sft.pt"
+    """SFT checkpoint"""
+    rm: str = "out/rm.pt"
+    """reward model checkpoint (scores, and picks the best of n)"""
+    ppo: str = "out/ppo.pt"
+    """PPO checkpoint"""
+    prompts: str = "data/prompts_eval.jsonl"
+    """held-out prompts"""
+    n: int = 500
+    """prompts evaluated"""
+    best_of: int = 4
+    """samples the RM chooses among for best-of-n"""
+    temperature: float = 1.0
+    """sampling temperature (the one PPO trained at)"""
+    max_new_tokens: int = 16
+    """longest response"""
+    no_eos_penalty: float = -2.0
+    """RM score of a response without <|endoftext|> (as in train_ppo.py)"""
+    out: str = "out/eval.md"
+    """where the table goes (and a .json beside it)"""
+    seed: int = 1234
+    """sampling seed"""
+
+
+def main(cfg: EvalConfig):
+    from nanorlhf.data import load_prompts
+    from nanorlhf.reward import score_texts
+
+    t0 = time.time()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models = {}
+    for name, path, made_by, kind in (("sft", cfg.sft, "train_sft.py", "sft"), ("ppo", cfg.ppo, "train_ppo.py", "ppo")):
+        ckpt = checkpoint.load(path, made_by=made_by, kind=kind)
+        models[name] = GPT(checkpoint.model_config(ckpt)).to(device).eval()
+        models[name].load_state_dict(ckpt["model"])
+    rm_ckpt = checkpoint.load(cfg.rm, made_by="train_rm.py", kind="rm")
+    rm = ScalarModel(checkpoint.model_config(rm_ckpt)).to(device).eval()
+    rm.load_state_dict(rm_ckpt["model"])
+    prompts = [p for p in load_prompts(cfg.prompts) if tasks.is_task_prompt(p)][:cfg.n]
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    def rm_scores(samples, prompts_):
+        s = score_texts(rm, prompts_, [t + "<|endoftext|>" if e else t for t, e, _ in samples])
+        return [x if e else cfg.no_eos_penalty for x, (_, e, _) in zip(s.tolist(), samples)]
+
+    rows = {}
+    sft = rollouts(models["sft"], prompts, cfg.max_new_tokens, cfg.temperature, generator=g)
+    rows["SFT"] = ([gold(p, t, e) for p, (t, e, _) in zip(prompts, sft)], rm_scores(sft, prompts), None)
+    many = rollouts(models["sft"], [p for p in prompts for _ in range(cfg.best_of)], cfg.max_new_tokens,
+                    cfg.temperature, generator=g)
+    many_rm = rm_scores(many, [p for p in prompts for _ in range(cfg.best_of)])
+    best_gold, best_rm = [], []
+    for i, p in enumerate(prompts):
+        j = max(range(cfg.best_of), key=lambda k: many_rm[i * cfg.best_of + k])
+        t, e, _ = many[i * cfg.best_of + j]
+        best_gold.append(gold(p, t, e))
+        best_rm.append(many_rm[i * cfg.best_of + j])
+    rows[f"SFT best-of-{cfg.best_of} (RM)"] = (best_gold, best_rm, None)
+    ppo = rollouts(models["ppo"], prompts, cfg.max_new_tokens, cfg.temperature, generator=g, ref=models["sft"])
+    rows["PPO"] = ([gold(p, t, e) for p, (t, e, _) in zip(prompts, ppo)], rm_scores(ppo, prompts),
+                   sum(k for _, _, k in ppo) / len(ppo))
+
+    lines = [f"Held-out evaluation: {len(prompts)} prompts, temperature {cfg.temperature}, "
+             f"one sample per prompt ({time.time() - t0:.0f} s)", "",
+             "| policy | gold score (mean ± s.e.) | RM score | KL to SFT (nats) |", "|---|---|---|---|"]
+    summary = {}
+    for name, (golds, rms, kl) in rows.items():
+        m, se = mean_stderr(golds)
+        summary[name] = dict(gold=m, gold_se=se, rm=sum(rms) / len(rms), kl=kl)
+        lines.append(f"| {name} | {m:.3f} ± {se:.3f} | {sum(rms) / len(rms):+.3f} | "
+                     f"{'' if kl is None else f'{kl:.2f}'} |")
+    # The PPO - SFT gain, with its standard error (independent samples: the errors add in quadrature).
+    (g_sft, se_sft), (g_ppo, se_ppo) = mean_stderr(rows["SFT"][0]), mean_stderr(rows["PPO"][0])
+    gain, se_gain = g_ppo - g_sft, math.sqrt(se_sft ** 2 + se_ppo ** 2)
+    lines += ["", f"PPO - SFT gold score: {gain:+.3f} ± {se_gain:.3f} ({gain / max(se_gain, 1e-12):.1f} standard errors)"]
+    summary["gain"], summary["gain_se"] = gain, se_gain
+    text = "\n".join(lines)
+    print(text)
+    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(cfg.out).write_text(text + "\n")
+    Path(cfg.out).with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    from nanorlhf.config import run
+
+    run(main, EvalConfig)

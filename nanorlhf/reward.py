@@ -1,0 +1,68 @@
+"""The reward model's math: the K-way ranking loss of InstructGPT, scoring, and pairwise accuracy.
+
+InstructGPT §3.5 (eq. 1): a labeler ranks K responses to a prompt, giving C(K, 2) comparisons. With r(x, y) the
+RM's scalar for prompt x and response y, and y_w the preferred response of a pair,
+
+    loss(r) = -1/C(K,2) * E_{(x, y_w, y_l)} [ log sigmoid( r(x, y_w) - r(x, y_l) ) ]
+
+All C(K, 2) pairs of a prompt stay together in one batch element: each completion is run through the RM once and
+then used in every pair it belongs to (InstructGPT's reason: training on the pairs as separate, shuffled examples
+made the RM overfit after one epoch, and it costs K forward passes instead of K(K-1)).
+"""
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from nanorlhf.model import left_pad
+from nanorlhf.tokenizer import encode
+
+
+def ranking_loss(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """scores (G*K,) for G groups of K responses each, each group ordered best first -> mean over all pairs of
+    -log sigmoid(r_better - r_worse)."""
+    s = scores.view(-1, k)  # (G, K)
+    i, j = torch.triu_indices(k, k, offset=1, device=scores.device)  # all pairs i < j: i is ranked above j
+    return -F.logsigmoid(s[:, i] - s[:, j]).mean()  # (G, C(K,2)) -> scalar
+
+
+def encode_pair(prompt: str, response: str, block_size: int) -> list[int]:
+    """Tokens of prompt + response; too long for block_size: the prompt loses tokens from the left."""
+    p, r = encode(prompt), encode(response)
+    r = r[-(block_size - 1):]  # a response longer than the context keeps its end (where the score is read)
+    return p[-(block_size - len(r)):] + r
+
+
+def score_sequences(rm, seqs: list[list[int]], batch_size=64) -> torch.Tensor:
+    """RM score of each token sequence at its last token (B,), without gradient."""
+    device = next(rm.parameters()).device
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            idx, start = left_pad(seqs[i:i + batch_size], device=device)  # (b, T): every row ends at column T-1
+            last = torch.full_like(start, idx.shape[1] - 1)
+            out.append(rm.score(idx, start, last))
+    return torch.cat(out)
+
+
+def score_texts(rm, prompts: list[str], responses: list[str], batch_size=64) -> torch.Tensor:
+    """RM score of (prompt, response) pairs (B,)."""
+    block_size = rm.config.block_size
+    return score_sequences(rm, [encode_pair(p, r, block_size) for p, r in zip(prompts, responses)], batch_size)
+
+
+def pairwise_accuracy(scores: list[list[float]], orders: list[list[int]], values=None):
+    """Fraction of pairs the scores put in the same order as `orders` (each a ranking of a group, best first).
+
+    values: optional per-response numbers; pairs whose values are equal (e.g. identical responses, or equal gold
+    scores) are left out, since there is no right order for them. Returns (accuracy, number of pairs).
+    """
+    right = total = 0
+    for s, order, v in zip(scores, orders, values if values is not None else [None] * len(scores)):
+        for a, b in itertools.combinations(order, 2):  # a is ranked above b
+            if v is not None and v[a] == v[b]:
+                continue
+            total += 1
+            right += s[a] > s[b]
+    return (right / total if total else float("nan")), total

@@ -1,0 +1,80 @@
+"""Tiny end-to-end runs of train_rm.py, train_ppo.py and the final evaluation (seconds, not minutes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanorlhf import checkpoint, tasks
+from nanorlhf.model import GPT, GPTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16)
+
+
+def run(script, *args, cwd):
+    cmd = [sys.executable, *([str(ROOT / script)] if script.endswith(".py") else ["-m", script]), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline")
+    tasks.write_default_data(tasks.TaskConfig(out=str(d / "data"), n_sft=50, n_train_prompts=40, n_eval_prompts=20))
+    torch.manual_seed(0)
+    checkpoint.save(d / "out" / "sft.pt", GPT(TINY), kind="sft")
+    return d
+
+
+@pytest.fixture(scope="module")
+def rm_run(workdir):
+    return run("train_rm.py", "--n_prompts", 16, "--n_eval", 8, "--k", 3, "--max_new_tokens", 6,
+               "--n_normalize", 8, "--batch_size", 4, cwd=workdir)
+
+
+def test_train_rm(workdir, rm_run):
+    assert rm_run.returncode == 0, rm_run.stderr[-3000:]
+    assert "held-out pairwise accuracy vs the labels" in rm_run.stdout and "ceiling" in rm_run.stdout
+    ckpt = torch.load(workdir / "out" / "rm.pt", weights_only=False)
+    assert ckpt["kind"] == "rm" and ckpt["model_config"]["n_embd"] == 16
+    rankings = [json.loads(line) for line in open(workdir / "out" / "rankings_train.jsonl")]
+    assert len(rankings) == 16 and all(len(r["responses"]) == 3 for r in rankings)
+
+
+def test_train_ppo_and_evaluate(workdir, rm_run):
+    assert rm_run.returncode == 0, rm_run.stderr[-3000:]
+    ppo = run("train_ppo.py", "--iters", 2, "--batch_size", 8, "--minibatch_size", 4, "--ppo_epochs", 2,
+              "--max_new_tokens", 6, "--eval_interval", 2, "--eval_n", 8, "--ptx_coef", 0.1, cwd=workdir)
+    assert ppo.returncode == 0, ppo.stderr[-3000:]
+    ckpt = torch.load(workdir / "out" / "ppo.pt", weights_only=False)
+    assert ckpt["kind"] == "ppo" and len(ckpt["history"]) == 2
+    last = ckpt["history"][-1]
+    for key in ("score", "kl", "beta", "entropy", "clip_frac", "approx_kl", "vf_loss", "explained_var",
+                "resp_len", "no_eos", "gold", "time_s", "tokens_per_s"):
+        assert key in last and last[key] == last[key], key  # present and not NaN
+    ev = run("nanorlhf.evaluate", "--n", 8, "--max_new_tokens", 6, cwd=workdir)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    summary = json.loads((workdir / "out" / "eval.json").read_text())
+    assert set(summary) >= {"SFT", "SFT best-of-4 (RM)", "PPO", "gain"}
+    assert "| PPO |" in (workdir / "out" / "eval.md").read_text()
+
+
+def test_mismatched_rm_is_refused(workdir, rm_run, tmp_path):
+    other = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=32)
+    from nanorlhf.model import ScalarModel
+    checkpoint.save(tmp_path / "rm.pt", ScalarModel(other), kind="rm")
+    r = run("train_ppo.py", "--rm", tmp_path / "rm.pt", "--iters", 1, cwd=workdir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "does not match the policy's" in r.stderr and "n_embd=32" in r.stderr and "n_embd=16" in r.stderr
+
+
+def test_nan_stops_with_the_iteration_and_saves_nothing(workdir, rm_run, tmp_path):
+    out = tmp_path / "ppo.pt"
+    r = run("train_ppo.py", "--lr", 1e30, "--grad_clip", 0, "--iters", 2, "--batch_size", 8, "--minibatch_size", 2,
+            "--ppo_epochs", 2, "--max_new_tokens", 4, "--eval_n", 0, "--out", out, cwd=workdir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "not finite at iteration 0" in r.stderr
+    assert not out.exists()

@@ -1,0 +1,55 @@
+import itertools
+import random
+
+import pytest
+import torch
+
+from nanorlhf.model import GPT, GPTConfig, ScalarModel
+from nanorlhf.reward import pairwise_accuracy, ranking_loss, score_texts
+from train_rm import batches, group_scores
+
+
+def test_k_way_loss_is_the_mean_over_all_pairs():
+    torch.manual_seed(0)
+    G, K = 3, 5
+    scores = torch.randn(G * K, requires_grad=True)
+    loss = ranking_loss(scores, K)
+    s = scores.view(G, K)
+    pairs = [-torch.nn.functional.logsigmoid(s[g, i] - s[g, j])
+             for g in range(G) for i, j in itertools.combinations(range(K), 2)]
+    assert len(pairs) == G * K * (K - 1) // 2
+    torch.testing.assert_close(loss, torch.stack(pairs).mean())
+    loss.backward()
+    assert scores.grad.view(G, K)[:, 0].lt(0).all()  # the best response's score is pushed up
+    assert scores.grad.view(G, K)[:, -1].gt(0).all()  # the worst one's down
+
+
+def test_pairwise_loss_is_the_k2_case():
+    s = torch.tensor([2.0, 0.5])
+    assert ranking_loss(s, 2).item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(1.5)).item())
+
+
+def test_pairwise_accuracy_skips_ties():
+    scores = [[3.0, 1.0, 2.0]]
+    acc, n = pairwise_accuracy(scores, [[0, 1, 2]])
+    assert (acc, n) == (pytest.approx(2 / 3), 3)  # (0,1) right, (0,2) right, (1,2) wrong
+    acc, n = pairwise_accuracy(scores, [[0, 1, 2]], values=[[1.0, 0.5, 0.5]])
+    assert (acc, n) == (1.0, 2)  # responses 1 and 2 tie: no right order
+
+
+def test_batches_keep_groups_of_equal_k_together():
+    groups = [("p", ["a", "b"])] * 5 + [("q", ["a", "b", "c", "d"])] * 7
+    out = batches(groups, 3, random.Random(0))
+    assert sorted(len(b) for b in out) == [1, 2, 3, 3, 3]
+    assert all(len({len(g[1]) for g in b}) == 1 for b in out)
+
+
+def test_group_scores_read_the_end_token():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16)
+    rm = ScalarModel(cfg).eval()
+    batch = [("Sort: 3 1\nAnswer:", [" 1 3<|endoftext|>", " 3<|endoftext|>"])]
+    with torch.no_grad():
+        grouped = group_scores(rm, batch, cfg.block_size, "cpu")
+        single = score_texts(rm, ["Sort: 3 1\nAnswer:"] * 2, batch[0][1])
+    torch.testing.assert_close(grouped, single, atol=1e-5, rtol=1e-5)

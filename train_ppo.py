@@ -1,0 +1,284 @@
+"""Stage 3 of RLHF: PPO against the reward model, with a per-token KL penalty to the SFT model.
+
+Ziegler et al. 2019 and InstructGPT §3.5 maximise, over prompts x and sampled responses y,
+
+    objective = E[ r_theta(x, y) - beta * log(pi(y|x) / pi_SFT(y|x)) ]  (+ gamma_ptx * E_pretrain[log pi(x)])
+
+Four models: the policy pi (starts as SFT), the frozen reference pi_SFT, the frozen reward model r_theta, and the
+value function V (starts as the RM, InstructGPT). Every iteration runs the numbered steps in main():
+1 roll out, 2 score, 3 log-probs and values, 4 rewards, 5 beta, 6 advantages, 7 PPO epochs, (8 PPO-ptx inside 7).
+
+Reads  out/sft.pt, out/rm.pt, data/prompts_train.jsonl, data/prompts_eval.jsonl
+Writes out/ppo.pt (the policy under "model", the value function under "value")
+
+    python train_ppo.py
+    python train_ppo.py --benchmark    # the reference speed workload (random GPT-2-shaped models)
+"""
+
+import random
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanorlhf import checkpoint, ppo
+from nanorlhf.config import UserError, run
+from nanorlhf.data import load_prompts, load_sft
+from nanorlhf.evaluate import gold_eval
+from nanorlhf.model import (GPT, GPTConfig, ScalarModel, generate, response_logprobs, response_mask,
+                            response_values)
+from nanorlhf.optim import adamw, set_lr
+from nanorlhf.tokenizer import encode
+
+
+@dataclass
+class Config:
+    """PPO against the reward model with a per-token KL penalty to the SFT model."""
+
+    sft: str = "out/sft.pt"
+    """SFT checkpoint: the policy's start and the frozen reference"""
+    rm: str = "out/rm.pt"
+    """reward model checkpoint: the reward, and the value function's start"""
+    prompts: str = "data/prompts_train.jsonl"
+    """prompts to roll out on {"prompt"}"""
+    eval_prompts: str = "data/prompts_eval.jsonl"
+    """held-out prompts for the gold score ("" to skip; only the built-in task's prompts are scored)"""
+    out: str = "out/ppo.pt"
+    """where the checkpoint goes"""
+    iters: int = 60
+    """PPO iterations (each: one batch of rollouts, then ppo_epochs over it)"""
+    batch_size: int = 64
+    """prompts rolled out per iteration"""
+    minibatch_size: int = 16
+    """rollouts per gradient step"""
+    ppo_epochs: int = 4
+    """passes over each batch of rollouts"""
+    lr: float = 1e-4
+    """policy learning rate (Adam)"""
+    vf_lr: float = 1e-4
+    """value function learning rate"""
+    temperature: float = 1.0
+    """sampling temperature; the log-probs are computed at the same temperature"""
+    max_new_tokens: int = 16
+    """longest response"""
+    no_eos_penalty: float = -2.0
+    """score given, instead of the RM's, to a response that never produced <|endoftext|>"""
+    init_kl_coef: float = 0.05
+    """beta: weight of the per-token KL penalty to the SFT model"""
+    adaptive_kl: bool = True
+    """adapt beta towards target_kl (Ziegler et al.'s controller); false keeps beta fixed"""
+    target_kl: float = 1.0
+    """adaptive controller: target KL(pi || pi_SFT) per response, in nats"""
+    kl_horizon: int = 10000
+    """adaptive controller: horizon in rollouts (K_beta = batch_size / kl_horizon)"""
+    gamma: float = 1.0
+    """discount"""
+    lam: float = 0.95
+    """GAE lambda"""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon"""
+    cliprange_value: float = 0.2
+    """value clip epsilon"""
+    ent_coef: float = 0.0
+    """entropy bonus weight"""
+    whiten_rewards: bool = False
+    """whiten the per-token rewards (scale only) before GAE"""
+    ptx_coef: float = 0.0
+    """PPO-ptx (InstructGPT eq. 2): weight of the LM loss on ptx_data mixed into the policy loss"""
+    ptx_data: str = "data/sft.jsonl"
+    """PPO-ptx: demonstrations {"prompt", "response"} for the LM loss (InstructGPT uses pretraining data)"""
+    grad_clip: float = 1.0
+    """clip each model's gradient norm (0: off)"""
+    eval_interval: int = 20
+    """iterations between held-out gold scores (and at the end)"""
+    eval_n: int = 200
+    """held-out prompts for the gold score"""
+    seed: int = 0
+    """random seed"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    benchmark: bool = False
+    """speed benchmark: random 4-layer 128-wide GPT-2-shaped models, 64 prompts of 16 tokens, exactly 32 new
+    tokens, 4 epochs of minibatch 16, 2 threads; prints median seconds per iteration and peak memory"""
+
+
+def load_models(cfg, device):
+    """policy, reference, reward model and value function, checked to share one configuration."""
+    sft = checkpoint.load(cfg.sft, made_by="train_sft.py", kind="sft")
+    rm_ckpt = checkpoint.load(cfg.rm, made_by="train_rm.py", kind="rm")
+    policy_cfg, rm_cfg = checkpoint.model_config(sft), checkpoint.model_config(rm_ckpt)
+    if policy_cfg != rm_cfg:
+        raise UserError(f"the reward model's trunk ({cfg.rm}: {rm_cfg}) does not match the policy's "
+                        f"({cfg.sft}: {policy_cfg}); train the RM from this SFT checkpoint")
+    policy, ref = GPT(policy_cfg), GPT(policy_cfg)
+    policy.load_state_dict(sft["model"])
+    ref.load_state_dict(sft["model"])
+    rm, value = ScalarModel(rm_cfg), ScalarModel(rm_cfg)
+    rm.load_state_dict(rm_ckpt["model"])
+    value.load_state_dict(rm_ckpt["model"])  # InstructGPT: the value function starts as the RM
+    return [m.to(device) for m in (policy, ref, rm, value)]
+
+
+def benchmark_models(device):
+    """Random models with the reference workload's shape (the speed does not depend on the weights)."""
+    cfg = GPTConfig(block_size=64, vocab_size=50257, n_layer=4, n_head=4, n_embd=128)
+    torch.manual_seed(0)
+    return [m.to(device) for m in (GPT(cfg), GPT(cfg), ScalarModel(cfg), ScalarModel(cfg))]
+
+
+def main(cfg: Config):
+    if cfg.benchmark:  # the reference workload of the speed benchmark (README "Speed")
+        cfg.batch_size, cfg.minibatch_size, cfg.ppo_epochs, cfg.max_new_tokens = 64, 16, 4, 32
+        cfg.threads, cfg.eval_interval = 2, 10**9
+        cfg.iters = min(cfg.iters, 6)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    if cfg.benchmark:
+        policy, ref, rm, value = benchmark_models(device)
+        prompts = [[rng.randrange(50256) for _ in range(16)] for _ in range(cfg.batch_size)]
+        eval_prompts = []
+    else:
+        policy, ref, rm, value = load_models(cfg, device)
+        prompts = [encode(p) for p in load_prompts(cfg.prompts)]
+        eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
+    ptx = None
+    if cfg.ptx_coef > 0:
+        from train_sft import encode_example, make_batch, sft_loss
+        ptx = [encode_example(p, r, policy.config.block_size) for p, r in load_sft(cfg.ptx_data)]
+        ptx = [ex for ex in ptx if ex is not None]
+    for m in (ref, rm):
+        m.eval().requires_grad_(False)
+    policy.train(), value.train()  # dropout is 0 in all four models (GPTConfig default), so train() is exact
+    policy_opt = adamw(policy, cfg.lr, betas=(0.9, 0.95))
+    value_opt = adamw(value, cfg.vf_lr, betas=(0.9, 0.95))
+    beta = cfg.init_kl_coef
+    history, iter_times, phase_times = [], [], []
+    order, pos = list(range(len(prompts))), len(prompts)
+    t_start = time.time()
+    print(f"PPO: {len(prompts)} prompts, {cfg.iters} iterations x {cfg.batch_size} rollouts, "
+          f"{cfg.ppo_epochs} epochs of minibatch {cfg.minibatch_size}, GPT {policy.num_params() / 1e6:.2f}M, {device}")
+
+    bar = tqdm(range(cfg.iters), desc="ppo", dynamic_ncols=True, mininterval=1.0)
+    for it in bar:
+        t0 = time.time()
+        if pos + cfg.batch_size > len(order):
+            rng.shuffle(order)
+            pos = 0
+        batch_prompts = [prompts[i] for i in order[pos:pos + cfg.batch_size]]
+        pos += cfg.batch_size
+
+        # 1. Roll out: sample a response per prompt from the policy (KV cache), at `temperature`. generate()
+        #    records log pi_old(y_t) of each sampled token at that temperature: the same numbers a fresh forward
+        #    pass gives (tests/test_ppo.py checks it), so the PPO ratio starts at exactly 1 without recomputing.
+        policy.eval()
+        r = generate(policy, batch_prompts, cfg.max_new_tokens, cfg.temperature, stop_at_eos=not cfg.benchmark,
+                     generator=generator)
+        policy.train()
+        tokens, start, P, resp_len = r["tokens"], r["start"], r["prompt_len"], r["resp_len"]
+        old_logp = r["logprobs"]  # (B, R)
+        R = tokens.shape[1] - P
+        mask = response_mask(resp_len, R)  # (B, R): real response tokens
+        maskf = mask.float()
+        ended = r["ended"] | torch.tensor(cfg.benchmark, device=device)
+        t1 = time.time()
+
+        with torch.no_grad():
+            # 2. Score: the RM's reward at each response's last real token; no end token -> a fixed penalty.
+            last = P + resp_len - 1  # (B,)
+            score = torch.where(ended, rm.score(tokens, start, last), cfg.no_eos_penalty)  # (B,)
+            # 3. Log-probs of the sampled tokens under the frozen reference (SFT), and the values V(s_t).
+            ref_logp = response_logprobs(ref, tokens, start, P, mask, cfg.temperature)  # (B, R)
+            old_values = response_values(value, tokens, start, P, maskf)  # (B, R)
+            # 4. Rewards: -beta * (log pi - log pi_ref) per token, plus the RM score on the last token.
+            rewards, kl = ppo.kl_penalized_rewards(score, old_logp, ref_logp, maskf, beta)
+            mean_kl = kl.sum(1).mean().item()  # KL(pi || pi_SFT) per response, one-sample estimate
+            # 5. beta: Ziegler et al.'s adaptive controller moves it so that the KL approaches target_kl.
+            if cfg.adaptive_kl:
+                beta = ppo.update_kl_coef(beta, mean_kl, cfg.target_kl, cfg.kl_horizon, cfg.batch_size)
+            # 6. Advantages: GAE over the response (gamma, lambda), returns = A + V, then whiten A.
+            if cfg.whiten_rewards:
+                rewards = ppo.whiten(rewards, maskf, shift_mean=False)
+            adv, returns = ppo.gae(rewards, old_values, maskf, cfg.gamma, cfg.lam)
+            adv = ppo.whiten(adv, maskf)
+        t2 = time.time()
+
+        # 7. PPO epochs: shuffled minibatches; clipped policy loss, clipped value loss, entropy bonus.
+        stats = []
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(len(batch_prompts), device=device)
+            for mb in perm.split(cfg.minibatch_size):
+                mb_mask = mask[mb]
+                logp, entropy = response_logprobs(policy, tokens[mb], start[mb], P, mb_mask, cfg.temperature,
+                                                  with_entropy=True)  # (b, R) each, with gradient
+                m = maskf[mb]
+                pg_loss, clip_frac, approx_kl = ppo.policy_loss(logp, old_logp[mb], adv[mb], m, cfg.cliprange)
+                ent = ppo.masked_mean(entropy, m)
+                loss = pg_loss - cfg.ent_coef * ent
+                if ptx is not None:
+                    # 8. PPO-ptx: gamma_ptx * the LM loss on demonstrations (InstructGPT eq. 2).
+                    ptx_batch = [ptx[rng.randrange(len(ptx))] for _ in range(cfg.minibatch_size)]
+                    ptx_loss, _ = sft_loss(policy, *make_batch(ptx_batch, device))
+                    loss = loss + cfg.ptx_coef * ptx_loss
+                values = response_values(value, tokens[mb], start[mb], P, m)  # (b, R)
+                vf_loss, vf_clip = ppo.value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                if not (torch.isfinite(loss) and torch.isfinite(vf_loss)):
+                    raise UserError(f"PPO loss is not finite at iteration {it} (policy {loss.item()}, value "
+                                    f"{vf_loss.item()}); stopped without saving: lower --lr or raise --init_kl_coef")
+                policy_opt.zero_grad(set_to_none=True)
+                value_opt.zero_grad(set_to_none=True)
+                (loss + vf_loss).backward()  # separate models: each gets only its own loss's gradient
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.grad_clip)
+                policy_opt.step()
+                value_opt.step()
+                stats.append((pg_loss.item(), vf_loss.item(), clip_frac.item(), approx_kl.item(), ent.item(),
+                              vf_clip.item()))
+        t3 = time.time()
+
+        # Log this iteration.
+        s = [statistics.fmean(col) for col in zip(*stats)]
+        n_tokens = int(resp_len.sum()) + len(batch_prompts) * P
+        record = dict(
+            iter=it + 1, score=score.mean().item(), rm_score=score[ended].mean().item() if ended.any() else None,
+            kl=mean_kl, beta=beta, entropy=s[4], clip_frac=s[2], approx_kl=s[3], pg_loss=s[0], vf_loss=s[1],
+            vf_clip_frac=s[5], explained_var=ppo.explained_variance(old_values, returns, maskf).item(),
+            resp_len=resp_len.float().mean().item(), no_eos=1.0 - ended.float().mean().item(),
+            time_s=t3 - t0, tokens_per_s=n_tokens / (t3 - t0),
+            t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2)
+        if eval_prompts and ((it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iters):
+            record["gold"], record["gold_se"] = gold_eval(policy, eval_prompts, cfg.max_new_tokens, cfg.temperature)
+            tqdm.write(f"iter {it + 1}: held-out gold {record['gold']:.3f} ± {record['gold_se']:.3f}, "
+                       f"RM score {record['score']:+.3f}, KL {mean_kl:.2f}, beta {beta:.3f}")
+        history.append(record)
+        iter_times.append(t3 - t0)
+        phase_times.append((t1 - t0, t2 - t1, t3 - t2))
+        bar.set_postfix(score=f"{record['score']:+.2f}", kl=f"{mean_kl:.2f}", beta=f"{beta:.3f}",
+                        clip=f"{s[2]:.2f}", len=f"{record['resp_len']:.1f}", s_it=f"{t3 - t0:.1f}")
+    bar.close()
+
+    if cfg.benchmark:
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        rest = phase_times[1:] or phase_times
+        med = statistics.median(iter_times[1:] or iter_times)
+        parts = [statistics.median(p[i] for p in rest) for i in range(3)]
+        print(f"benchmark: median {med:.2f} s per iteration over iterations 2..{len(iter_times)} "
+              f"(generation {parts[0]:.2f} s, scoring {parts[1]:.2f} s, update {parts[2]:.2f} s); "
+              f"peak RSS {rss_mb:.0f} MB; torch {torch.__version__}, {torch.get_num_threads()} threads")
+        return
+    checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg), history=history,
+                    beta=beta)
+    print(f"PPO done in {time.time() - t_start:.0f} s; wrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    run(main, Config)

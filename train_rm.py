@@ -1,0 +1,217 @@
+"""Stage 2 of RLHF: a reward model (RM) trained on rankings of sampled responses.
+
+InstructGPT §3.5: start from the SFT model, replace the unembedding with a scalar head, and train on labelers'
+rankings of K responses per prompt with the pairwise loss of nanorlhf/reward.py. Afterwards a bias is set so that
+the RM scores SFT samples with mean 0 (InstructGPT normalises the same way, so RL starts from reward ~0).
+
+Default (the built-in task): sample K responses for each training prompt from the SFT model, let the scripted
+labeler rank them (with its noise), write the rankings as JSONL and train on that file for one epoch.
+
+Reads  out/sft.pt; data/prompts_train.jsonl and data/prompts_eval.jsonl (default) or --data / --eval_data rankings
+Writes out/rm.pt; out/rankings_train.jsonl and out/rankings_eval.jsonl (default)
+"""
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanorlhf import checkpoint, tasks
+from nanorlhf.config import UserError, run
+from nanorlhf.data import load_prompts, load_rankings, write_jsonl
+from nanorlhf.evaluate import sample_responses
+from nanorlhf.model import GPT, ScalarModel, left_pad
+from nanorlhf.optim import adamw, lr_at, set_lr
+from nanorlhf.reward import encode_pair, pairwise_accuracy, ranking_loss, score_texts
+
+
+@dataclass
+class Config:
+    """Train the reward model on rankings of K responses per prompt (InstructGPT §3.5)."""
+
+    sft: str = "out/sft.pt"
+    """SFT checkpoint: the RM's trunk starts from it, and the default data is sampled from it"""
+    data: str = ""
+    """rankings {"prompt", "responses": [best first]} or pairs {"prompt", "chosen", "rejected"}; "" = built-in"""
+    eval_data: str = ""
+    """held-out rankings for accuracy ("" with --data: hold out eval_fraction of it)"""
+    prompts: str = "data/prompts_train.jsonl"
+    """built-in data: prompts to sample and rank responses for"""
+    eval_prompts: str = "data/prompts_eval.jsonl"
+    """built-in data: held-out prompts"""
+    out: str = "out/rm.pt"
+    """where the checkpoint goes"""
+    n_prompts: int = 1500
+    """built-in data: training prompts to label"""
+    n_eval: int = 250
+    """built-in data: held-out prompts to label"""
+    k: int = 4
+    """built-in data: responses sampled and ranked per prompt"""
+    label_noise: float = 0.1
+    """built-in labeler's noise: P(a ranked above b) = sigmoid((gold_a - gold_b) / label_noise)"""
+    temperature: float = 1.0
+    """sampling temperature for the responses to rank"""
+    max_new_tokens: int = 16
+    """longest sampled response"""
+    eval_fraction: float = 0.1
+    """with --data and no --eval_data: fraction held out"""
+    batch_size: int = 16
+    """prompts (each with all of its K responses) per step"""
+    epochs: int = 1
+    """passes over the rankings (InstructGPT: one; more overfits)"""
+    lr: float = 3e-4
+    """peak learning rate"""
+    warmup_iters: int = 10
+    """linear warm-up steps"""
+    weight_decay: float = 0.0
+    """AdamW weight decay on matrices"""
+    grad_clip: float = 1.0
+    """clip the gradient's global norm (0: off)"""
+    n_normalize: int = 256
+    """prompts whose SFT samples set the score's zero"""
+    seed: int = 0
+    """random seed"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+
+
+def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, generator):
+    """Sample k responses per prompt and have the scripted labeler rank them: [{"prompt", "responses"}]."""
+    flat = [p for p in prompts for _ in range(k)]
+    samples = sample_responses(policy, flat, max_new_tokens, temperature, batch_size=128, generator=generator)
+    records = []
+    for i, prompt in enumerate(prompts):
+        # A response that never ended is shown to the labeler as it is (it scores as what it says).
+        responses = [text + ("<|endoftext|>" if ended else "") for text, ended in samples[i * k:(i + 1) * k]]
+        order = tasks.rank(prompt, responses, rng, noise)
+        records.append({"prompt": prompt, "responses": [responses[j] for j in order]})
+    return records
+
+
+def batches(groups, batch_size, rng):
+    """Shuffled batches of groups with the same K (rankings of different K cannot share a (G, K) view)."""
+    by_k = {}
+    for g in groups:
+        by_k.setdefault(len(g[1]), []).append(g)
+    out = []
+    for same_k in by_k.values():
+        rng.shuffle(same_k)
+        out += [same_k[i:i + batch_size] for i in range(0, len(same_k), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def group_scores(rm, batch, block_size, device):
+    """RM scores for a batch of (prompt, responses) groups with the same K: (G * K,), group-major."""
+    seqs = [encode_pair(prompt, resp, block_size) for prompt, responses in batch for resp in responses]
+    idx, start = left_pad(seqs, device=device)  # (G*K, T): left-padded, so every sequence ends at column T-1
+    last = torch.full_like(start, idx.shape[1] - 1)
+    return rm.score(idx, start, last)  # (G*K,)
+
+
+@torch.no_grad()
+def evaluate(rm, groups):
+    """Held-out accuracy of the RM against the rankings, and (built-in task) against the gold score."""
+    rm.eval()
+    scores = [score_texts(rm, [p] * len(rs), rs).tolist() for p, rs in groups]
+    rm.train()
+    in_order = [list(range(len(rs))) for _, rs in groups]  # rankings are stored best first
+    same = [[hash(r) for r in rs] for _, rs in groups]  # identical responses have no right order
+    result = dict(acc_labels=pairwise_accuracy(scores, in_order, same))
+    if all(tasks.is_task_prompt(p) for p, _ in groups):
+        gold = [[tasks.gold_score(p, r) for r in rs] for p, rs in groups]
+        by_gold = [sorted(range(len(g)), key=lambda i: -g[i]) for g in gold]
+        result["acc_gold"] = pairwise_accuracy(scores, by_gold, gold)
+        # The ceiling: how often the (noisy) labels themselves agree with the gold score.
+        label_scores = [[-i for i in range(len(rs))] for _, rs in groups]  # best first = highest
+        result["labels_vs_gold"] = pairwise_accuracy(label_scores, by_gold, gold)
+    return result
+
+
+def main(cfg: Config):
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+
+    sft = checkpoint.load(cfg.sft, made_by="train_sft.py", kind="sft")
+    model_cfg = checkpoint.model_config(sft)
+    policy = GPT(model_cfg).to(device).eval()
+    policy.load_state_dict(sft["model"])
+    rm = ScalarModel(model_cfg).to(device)
+    rm.gpt.load_state_dict(sft["model"])  # the trunk starts as the SFT model; the head is new
+
+    # 1. Rankings: the scripted labeler's (built-in) or the user's file.
+    t0 = time.time()
+    if cfg.data:
+        train = load_rankings(cfg.data)
+        if cfg.eval_data:
+            held_out = load_rankings(cfg.eval_data)
+        else:
+            rng.shuffle(train)
+            n_eval = max(1, int(cfg.eval_fraction * len(train)))
+            held_out, train = train[:n_eval], train[n_eval:]
+    else:
+        out_dir = Path(cfg.out).parent
+        for name, prompts_path, n in (("train", cfg.prompts, cfg.n_prompts), ("eval", cfg.eval_prompts, cfg.n_eval)):
+            prompts = load_prompts(prompts_path)[:n]
+            print(f"sampling {cfg.k} responses for {len(prompts)} {name} prompts and ranking them "
+                  f"(scripted labeler, noise {cfg.label_noise})")
+            records = label_builtin(policy, prompts, cfg.k, cfg.label_noise, cfg.temperature, cfg.max_new_tokens,
+                                    rng, generator)
+            write_jsonl(out_dir / f"rankings_{name}.jsonl", records)
+        train = load_rankings(out_dir / "rankings_train.jsonl")  # read back: the same path user data takes
+        held_out = load_rankings(out_dir / "rankings_eval.jsonl")
+    n_pairs = sum(len(rs) * (len(rs) - 1) // 2 for _, rs in train)
+    print(f"RM: {len(train)} rankings ({n_pairs} pairs) to train on, {len(held_out)} held out "
+          f"[{time.time() - t0:.0f} s]")
+
+    # 2. Train on all C(K, 2) pairs of each prompt at once, for `epochs` passes.
+    optimizer = adamw(rm, cfg.lr, cfg.weight_decay)
+    plan = [b for _ in range(cfg.epochs) for b in batches(train, cfg.batch_size, rng)]
+    t1 = time.time()
+    bar = tqdm(plan, desc="rm", dynamic_ncols=True, mininterval=1.0)
+    for it, batch in enumerate(bar):
+        set_lr(optimizer, lr_at(it, cfg.lr, cfg.warmup_iters, len(plan), 0.1 * cfg.lr))
+        k = len(batch[0][1])
+        scores = group_scores(rm, batch, model_cfg.block_size, device)  # (G*K,)
+        loss = ranking_loss(scores, k)
+        if not torch.isfinite(loss):
+            raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (nothing was saved)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
+        optimizer.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+
+    # 3. Normalise: a bias so that SFT samples score 0 on average (InstructGPT §3.5).
+    prompts = [p for p, _ in train][:cfg.n_normalize]
+    samples = sample_responses(policy, prompts, cfg.max_new_tokens, cfg.temperature, 128, generator)
+    rm.eval()
+    sft_scores = score_texts(rm, prompts, [t + ("<|endoftext|>" if e else "") for t, e in samples])
+    with torch.no_grad():
+        rm.head.bias -= sft_scores.mean()
+    print(f"normalised: SFT samples' score mean {sft_scores.mean().item():+.3f} -> 0, std {sft_scores.std().item():.3f}")
+
+    # 4. Held-out accuracy, beside the ceiling the labels' own noise allows.
+    result = evaluate(rm, held_out)
+    acc, n = result["acc_labels"]
+    msg = f"held-out pairwise accuracy vs the labels: {acc:.3f} ({n} pairs)"
+    if "acc_gold" in result:
+        (ag, ng), (ceiling, _) = result["acc_gold"], result["labels_vs_gold"]
+        msg += f"; vs the gold score: {ag:.3f} ({ng} pairs); the labels themselves vs gold (ceiling): {ceiling:.3f}"
+    print(msg)
+    checkpoint.save(cfg.out, rm, kind="rm", train_config=vars(cfg), eval=result,
+                    sft_score_std=sft_scores.std().item())
+    print(f"RM done in {time.time() - t0:.0f} s; wrote {cfg.out}")
+
+
+if __name__ == "__main__":
+    run(main, Config)
