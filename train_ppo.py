@@ -29,6 +29,7 @@ from nanorlhf import checkpoint, ppo
 from nanorlhf.config import UserError, run
 from nanorlhf.data import load_prompts, load_sft
 from nanorlhf.evaluate import gold_eval
+from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import (GPT, GPTConfig, ScalarModel, generate, response_logprobs, response_mask,
                             response_values)
 from nanorlhf.optim import adamw, set_lr
@@ -167,6 +168,7 @@ def main(cfg: Config):
     print(f"PPO: {len(prompts)} prompts, {cfg.iters} iterations x {cfg.batch_size} rollouts, "
           f"{cfg.ppo_epochs} epochs of minibatch {cfg.minibatch_size}, GPT {policy.num_params() / 1e6:.2f}M, {device}")
 
+    metrics = None if cfg.benchmark else MetricsLog(Path(cfg.out).with_suffix(""), fresh=True)  # out/ppo/metrics.jsonl
     bar = tqdm(range(cfg.iters), desc="ppo", dynamic_ncols=True, mininterval=1.0)
     for it in bar:
         t0 = time.time()
@@ -260,6 +262,8 @@ def main(cfg: Config):
             tqdm.write(f"iter {it + 1}: held-out gold {record['gold']:.3f} ± {record['gold_se']:.3f}, "
                        f"RM score {record['score']:+.3f}, KL {mean_kl:.2f}, beta {beta:.3f}")
         history.append(record)
+        if metrics:
+            metrics.log(it + 1, **{k: v for k, v in record.items() if k != "iter"})
         iter_times.append(t3 - t0)
         phase_times.append((t1 - t0, t2 - t1, t3 - t2))
         bar.set_postfix(score=f"{record['score']:+.2f}", kl=f"{mean_kl:.2f}", beta=f"{beta:.3f}",

@@ -22,6 +22,8 @@ from tqdm import tqdm
 from nanorlhf import checkpoint, tasks
 from nanorlhf.config import UserError, run
 from nanorlhf.data import load_prompts, load_rankings, write_jsonl
+from nanorlhf.datasets import load_preferences
+from nanorlhf.metrics import MetricsLog
 from nanorlhf.evaluate import sample_responses
 from nanorlhf.model import GPT, ScalarModel, left_pad
 from nanorlhf.optim import adamw, lr_at, set_lr
@@ -35,7 +37,8 @@ class Config:
     sft: str = "out/sft.pt"
     """SFT checkpoint: the RM's trunk starts from it, and the default data is sampled from it"""
     data: str = ""
-    """rankings {"prompt", "responses": [best first]} or pairs {"prompt", "chosen", "rejected"}; "" = built-in"""
+    """rankings {"prompt", "responses": [best first]}, pairs {"prompt", "chosen", "rejected"}, HH-RLHF or TL;DR
+    comparisons (README "Data formats"); "" = the built-in task's labeler"""
     eval_data: str = ""
     """held-out rankings for accuracy ("" with --data: hold out eval_fraction of it)"""
     prompts: str = "data/prompts_train.jsonl"
@@ -127,7 +130,7 @@ def evaluate(rm, groups):
         result["acc_gold"] = pairwise_accuracy(scores, by_gold, gold)
         # The ceiling: how often the (noisy) labels themselves agree with the gold score.
         label_scores = [[-i for i in range(len(rs))] for _, rs in groups]  # best first = highest
-        result["labels_vs_gold"] = pairwise_accuracy(label_scores, by_gold, gold)
+        result["acc_labels_vs_gold"] = pairwise_accuracy(label_scores, by_gold, gold)
     return result
 
 
@@ -149,9 +152,9 @@ def main(cfg: Config):
     # 1. Rankings: the scripted labeler's (built-in) or the user's file.
     t0 = time.time()
     if cfg.data:
-        train = load_rankings(cfg.data)
+        train = load_preferences(cfg.data)
         if cfg.eval_data:
-            held_out = load_rankings(cfg.eval_data)
+            held_out = load_preferences(cfg.eval_data)
         else:
             rng.shuffle(train)
             n_eval = max(1, int(cfg.eval_fraction * len(train)))
@@ -175,6 +178,7 @@ def main(cfg: Config):
     optimizer = adamw(rm, cfg.lr, cfg.weight_decay)
     plan = [b for _ in range(cfg.epochs) for b in batches(train, cfg.batch_size, rng)]
     t1 = time.time()
+    metrics = MetricsLog(Path(cfg.out).with_suffix(""), fresh=True)  # out/rm.pt -> out/rm/metrics.jsonl
     bar = tqdm(plan, desc="rm", dynamic_ncols=True, mininterval=1.0)
     for it, batch in enumerate(bar):
         set_lr(optimizer, lr_at(it, cfg.lr, cfg.warmup_iters, len(plan), 0.1 * cfg.lr))
@@ -189,6 +193,7 @@ def main(cfg: Config):
             torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
+        metrics.log(it + 1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
     bar.close()
 
     # 3. Normalise: a bias so that SFT samples score 0 on average (InstructGPT §3.5).
@@ -205,9 +210,10 @@ def main(cfg: Config):
     acc, n = result["acc_labels"]
     msg = f"held-out pairwise accuracy vs the labels: {acc:.3f} ({n} pairs)"
     if "acc_gold" in result:
-        (ag, ng), (ceiling, _) = result["acc_gold"], result["labels_vs_gold"]
+        (ag, ng), (ceiling, _) = result["acc_gold"], result["acc_labels_vs_gold"]
         msg += f"; vs the gold score: {ag:.3f} ({ng} pairs); the labels themselves vs gold (ceiling): {ceiling:.3f}"
     print(msg)
+    metrics.log(len(plan), **{k: v[0] for k, v in result.items()}, sft_score_std=sft_scores.std().item())
     checkpoint.save(cfg.out, rm, kind="rm", train_config=vars(cfg), eval=result,
                     sft_score_std=sft_scores.std().item())
     print(f"RM done in {time.time() - t0:.0f} s; wrote {cfg.out}")

@@ -22,7 +22,9 @@ from tqdm import tqdm
 
 from nanorlhf import checkpoint, ops, tasks
 from nanorlhf.config import UserError, run
-from nanorlhf.data import load_prompts, load_sft
+from nanorlhf.data import load_prompts
+from nanorlhf.datasets import load_demonstrations
+from nanorlhf.metrics import MetricsLog
 from nanorlhf.evaluate import gold_eval
 from nanorlhf.model import GPT, GPTConfig, left_pad
 from nanorlhf.optim import adamw, lr_at, set_lr
@@ -40,7 +42,8 @@ class Config:
     out: str = "out/sft.pt"
     """where the checkpoint goes"""
     init_from: str = ""
-    """"" for a fresh GPT of the size below, or a checkpoint to continue from"""
+    """"" for a fresh GPT of the size below; a checkpoint (.pt) to continue from; or GPT-2 weights: a Hugging Face
+    directory (config.json + model.safetensors) or a hub name such as gpt2"""
     n_layer: int = 4
     """fresh GPT: transformer blocks"""
     n_head: int = 4
@@ -130,7 +133,9 @@ def main(cfg: Config):
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     # Model: fresh, or from a checkpoint.
-    if cfg.init_from:
+    if cfg.init_from and not cfg.init_from.endswith(".pt"):
+        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+    elif cfg.init_from:
         ckpt = checkpoint.load(cfg.init_from, made_by="train_sft.py")
         if ckpt["kind"] not in ("sft", "ppo"):
             raise UserError(f"{cfg.init_from} is a {ckpt['kind']!r} checkpoint; --init_from takes a GPT (sft or ppo)")
@@ -146,7 +151,7 @@ def main(cfg: Config):
     if not Path(cfg.data).exists() and cfg.data == Config.data:
         print(f"{cfg.data} not found: writing the built-in task's data (python -m nanorlhf.tasks)")
         tasks.write_default_data(tasks.TaskConfig(out=str(Path(cfg.data).parent)))
-    pairs = load_sft(cfg.data)
+    pairs = load_demonstrations(cfg.data)  # ours {prompt, response}, or HH / TL;DR style (README)
 
     examples = []
     for i, (prompt, response) in enumerate(pairs):
@@ -165,6 +170,7 @@ def main(cfg: Config):
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
     order, pos = list(range(len(train))), len(train)
     t0, tokens_seen = time.time(), 0
+    metrics = MetricsLog(Path(cfg.out).with_suffix(""), fresh=True)  # out/sft.pt -> out/sft/metrics.jsonl
     history = [dict(iter=0, val_loss=val_loss(model, val, 256, device))] if val else []
     bar = tqdm(range(cfg.max_iters), desc="sft", dynamic_ncols=True, mininterval=1.0)
     for it in bar:
@@ -194,6 +200,7 @@ def main(cfg: Config):
             if gold is not None:
                 record["gold"], record["gold_se"] = gold
             history.append(record)
+            metrics.log(it + 1, **{k: v for k, v in record.items() if k != "iter"})
             msg = f"iter {it + 1}: train loss {loss.item():.3f}"
             if "val_loss" in record:
                 msg += f", val loss {record['val_loss']:.3f}"

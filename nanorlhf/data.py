@@ -9,6 +9,7 @@ A response ends with "<|endoftext|>" (added when missing). A bad line stops the 
 `error: FILE:LINE: ...` naming the field, never a traceback.
 """
 
+import gzip
 import json
 import os
 from pathlib import Path
@@ -29,13 +30,18 @@ def write_jsonl(path, records) -> None:
     os.replace(tmp, path)
 
 
+def open_text(path):
+    """Open a text file for reading; a .gz file (as HH-RLHF ships) is decompressed on the fly."""
+    return gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)
+
+
 def read_jsonl(path, fields: dict) -> list[dict]:
     """Records of a JSONL file, each checked to have `fields` ({name: type}); blank lines are skipped."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     records = []
-    with open(path) as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -92,7 +98,7 @@ def read_jsonl_first(path) -> dict:
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
-    with open(path) as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 try:

@@ -116,6 +116,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, dropout=0.0):
+        """GPT-2 weights from a Hugging Face directory (config.json + safetensors/bin) or a hub name."""
+        from nanorlhf.pretrained import load_gpt2  # imported here: pretrained.py imports this file
+
+        return load_gpt2(name_or_path, dropout)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied embedding is counted once
 

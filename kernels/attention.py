@@ -1,0 +1,1055 @@
+"""Causal self-attention with per-row left-padding offsets.
+
+Math. For one batch row b and head h, queries Q (Tq, D), keys K and values V (Tk, D), Tq <= Tk. Query i sits at key
+position p_i = Tk - Tq + i (training: Tq = Tk, p_i = i; decoding: the last Tq positions of a KV cache). Row b's
+first real token is at `start[b]` (left padding). Query i may attend to key j iff  start[b] <= j <= p_i:
+
+    S = Q K^T / sqrt(D)            (Tq, Tk)
+    P = softmax(S + M)             M_ij = 0 where allowed, -inf elsewhere
+    O = P V                        (Tq, D)
+
+A query with no allowed key (a padding position) outputs zeros, never NaN.
+
+Forward, tiled (FlashAttention's idea). S and P are (Tq, Tk): at T = 4k and 12 heads that is 400 MB per sequence
+in fp16, written and read back twice by eager attention. Instead one program owns a block of BLOCK_M queries, keeps
+its (BLOCK_M, D) output accumulator in registers, and streams K/V past it in blocks of BLOCK_N keys. The softmax
+normaliser is not known until every key has been seen, so it runs "online": per query row keep the running max m and
+the running sum l of exp(S - m), and rescale what has been accumulated whenever the max grows:
+
+    m'  = max(m, rowmax(S_blk))
+    P   = exp(S_blk - m')                      (BLOCK_M, BLOCK_N), never written to memory
+    l'  = exp(m - m') l + rowsum(P)
+    A'  = exp(m - m') A + P V_blk              A = the unnormalised output
+    end:  O = A / l,   L = m + log l           L = logsumexp of the row's allowed scores, saved for backward
+
+exp is computed as exp2 with log2(e) folded into the score scale (one multiply per score, and exp2 is the hardware
+instruction). Causality is a loop bound: key blocks wholly above the diagonal are never visited, and key blocks wholly
+before a row's `start` are skipped the same way. Only the few blocks that straddle the diagonal, the `start` boundary
+or the end of the sequence pay for the element-wise mask; the rest run an unmasked loop.
+
+Backward. With dO the gradient of O and P recomputed from the saved L as P = exp(S - L) (exact, element by element):
+
+    dV = P^T dO                   dP = dO V^T
+    dS = P o (dP - Delta)         Delta_i = sum_j P_ij dP_ij = rowsum(dO o O)_i   ("o": element-wise product)
+    dQ = scale dS K               dK = scale dS^T Q
+
+Delta comes from a small pre-pass over (O, dO). The rest is two kernels: one program per key block accumulates dK and
+dV over the query blocks that see it; one program per query block accumulates dQ over the key blocks it sees. This
+recomputes S and dP twice (7 block matmuls per block pair instead of 5), but every gradient element is summed by one
+program in a fixed order: gradients are bit-for-bit reproducible run to run, with no fp32 dQ scratch buffer and no
+atomics. The alternative, one pass with dQ accumulated by fp32 atomic adds, is faster in principle, but its sum order
+changes from run to run, which makes RLHF runs (already noisy) impossible to replay exactly when debugging.
+
+Decode (generation). Each step brings Tq = 1 (or a few) new queries per row against a KV cache of length L. One
+program per (row, head) would leave most of the GPU idle for a batch of 16 and would walk L keys serially. So the cache
+is split into `num_splits` chunks; each program attends its queries to one chunk and writes a partial output O_s
+(normalised within the chunk) and its log-sum-exp L_s. A combine kernel merges the chunks exactly:
+
+    L = log sum_s exp(L_s)        O = sum_s exp(L_s - L) O_s        (a chunk that saw no key has L_s = -inf)
+
+Decode reads the whole cache once and does little arithmetic per byte: it is bound by memory bandwidth.
+"""
+
+import functools
+import os
+import sys
+
+import torch
+
+if __name__ == "__main__":  # run as a script (the benchmark): make `kernels` importable; no GPU -> the interpreter
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before the @triton.jit functions below exist
+
+from kernels._triton import HAVE_TRITON, tl, triton  # noqa: E402
+
+# Whether the kernels below are being defined for Triton's CPU interpreter (decided once, when they are defined).
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def reference(q, k, v, start=None, scale=None):
+    """The spec, in plain PyTorch and fp32: q (B, H, Tq, D), k and v (B, H, Tk, D), start (B,) int or None."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Tq, Tk)
+    qpos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]  # (Tq, 1)
+    kpos = torch.arange(Tk, device=q.device)[None, :]  # (1, Tk)
+    allowed = (kpos <= qpos)[None, None]  # (1, 1, Tq, Tk)
+    if start is not None:
+        allowed = allowed & (kpos >= start.view(B, 1, 1, 1))  # (B, 1, Tq, Tk)
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a row with no allowed key is all -inf: NaN -> 0
+    return (p @ v.float()).to(q.dtype)  # (B, H, Tq, D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Triton kernels.
+#
+# Every kernel takes explicit strides for (batch, head, time, dim), so K/V may be views of a larger KV-cache buffer.
+# Grids put the (batch * head) index on axis 1 and the block index on axis 0. Constexprs:
+#   HEAD_DIM  the true head dim D;  BLOCK_D = next power of two >= max(D, 16) (tiles are padded, CHECK_D masks them)
+#   UPCAST    load as fp32 (bf16 under the interpreter, whose bf16 tl.dot is wrong)
+#   DOT_PREC  "ieee" when the dot inputs are fp32 (tf32 would drop 13 bits of mantissa), else "tf32" (then unused)
+# Scores inside the kernels are in base 2: s2 = log2(e) * S, so exp(S - m) = exp2(s2 - m2).
+
+
+@triton.jit
+def _load_tile(ptrs, row_ok, d_ok, CHECK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; rows past the end (and padded columns when CHECK_D) read as 0."""
+    if CHECK_D:
+        x = tl.load(ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_tile(ptrs, x, row_ok, d_ok, CHECK_D: tl.constexpr):
+    """Store a (rows, BLOCK_D) fp32 tile in the destination's dtype; rows past the end are dropped."""
+    x = x.to(ptrs.dtype.element_ty)
+    if CHECK_D:
+        tl.store(ptrs, x, mask=row_ok[:, None] & d_ok[None, :])
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+
+
+@triton.jit
+def _attend_blocks(acc, m_i, l_i, q, qpos, start, lo, hi,
+                   k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+                   MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   CHECK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """The online-softmax loop over key blocks [lo, hi) for one query block; MASKED applies start/causal/end masks."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_n = lo + tl.arange(0, BLOCK_N)  # key positions j of the current block
+    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+    for _ in range(lo, hi, BLOCK_N):
+        if MASKED:  # this block may run past Tk: those rows read as 0
+            kv_ok = (offs_n < Tk)[:, None] & d_ok[None, :]
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        elif CHECK_D:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N) base-2 scores
+        if MASKED:  # allowed iff start <= j <= p_i (j <= p_i also keeps j < Tk for every real query)
+            allowed = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] >= start)
+            s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # m' = max(m, rowmax(S_blk))
+        m_ref = m_new
+        if MASKED:  # a row with no allowed key so far has m' = -inf; subtract 0 instead so exp2 gives 0, not NaN
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)  # exp(m - m'): rescales what was accumulated under the old max
+        p = tl.exp2(s - m_ref[:, None])  # P = exp(S_blk - m')   (BLOCK_M, BLOCK_N)
+        l_i = l_i * alpha + tl.sum(p, axis=1)  # l' = exp(m - m') l + rowsum(P)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)  # A' = exp(m - m') A + P V
+        m_i = m_new
+        offs_n += BLOCK_N
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attend_span(acc, m_i, l_i, q, qpos, start, lo, hi, full_lo, full_hi,
+                 k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 CHECK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Keys [lo, hi) (lo a multiple of BLOCK_N). Blocks before full_lo straddle `start`; blocks from full_hi on
+    straddle the causal diagonal or the end; blocks in between are fully allowed for every query and skip the mask."""
+    acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, qpos, start, lo, tl.minimum(hi, full_lo),
+                                   k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+                                   True, BLOCK_N, BLOCK_D, HEAD_DIM, CHECK_D, UPCAST, DOT_PREC)
+    acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, qpos, start, tl.maximum(lo, full_lo), tl.minimum(hi, full_hi),
+                                   k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+                                   False, BLOCK_N, BLOCK_D, HEAD_DIM, CHECK_D, UPCAST, DOT_PREC)
+    acc, m_i, l_i = _attend_blocks(acc, m_i, l_i, q, qpos, start, tl.maximum(lo, tl.maximum(full_lo, full_hi)), hi,
+                                   k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+                                   True, BLOCK_N, BLOCK_D, HEAD_DIM, CHECK_D, UPCAST, DOT_PREC)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, START,
+                     stride_qb, stride_qh, stride_qt, stride_qd,
+                     stride_kb, stride_kh, stride_kt, stride_kd,
+                     stride_vb, stride_vh, stride_vt, stride_vd,
+                     stride_ob, stride_oh, stride_ot, stride_od,
+                     H, Tq, Tk, qk_scale,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     CHECK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), B * H): O for one block of queries, and its log-sum-exp L (natural log) in LSE."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)  # int64: batch offsets of a large KV cache overflow int32
+    h = (pid_bh % H).to(tl.int64)
+    start = tl.load(START + b)  # row b's first real key
+    shift = Tk - Tq  # query i sits at key position shift + i
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   q_ok, d_ok, CHECK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
+    qpos = shift + offs_m  # (BLOCK_M,) key position of each query
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max (base 2)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running unnormalised output
+
+    lo = (start // BLOCK_N) * BLOCK_N  # first key block with an allowed key
+    hi = tl.minimum(Tk, shift + m0 + BLOCK_M)  # keys past the block's last query are never visited
+    full_lo = tl.cdiv(start, BLOCK_N) * BLOCK_N  # first key block wholly at or after start
+    full_hi = ((shift + m0 + 1) // BLOCK_N) * BLOCK_N  # key blocks below this are seen by every query of the block
+    acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, qpos, start, lo, hi, full_lo, full_hi,
+                                 K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                                 stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+                                 BLOCK_N, BLOCK_D, HEAD_DIM, CHECK_D, UPCAST, DOT_PREC)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # l = 0: no allowed key; A = 0 there, so O = 0
+    o = acc / l_safe[:, None]  # O = A / l   (BLOCK_M, BLOCK_D)
+    _store_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                o, q_ok, d_ok, CHECK_D)
+    # L = m + log l, back to natural log. +inf marks "no allowed key": backward's P = exp(S - L) is then 0.
+    lse = tl.where(l_i == 0.0, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + pid_bh * Tq + offs_m, lse, mask=q_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA,
+                           stride_ob, stride_oh, stride_ot, stride_od,
+                           stride_db, stride_dh, stride_dt, stride_dd,
+                           H, Tq,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                           CHECK_D: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), B * H): Delta = rowsum(dO o O), fp32, (B * H, Tq)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    o = _load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                   m_ok, d_ok, CHECK_D, True)  # (BLOCK_M, BLOCK_D) fp32
+    do = _load_tile(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dd,
+                    m_ok, d_ok, CHECK_D, True)  # (BLOCK_M, BLOCK_D) fp32
+    tl.store(DELTA + pid_bh * Tq + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, offs_n, lo, hi, shift,
+                 q_base, do_base, lse_base, delta_base, stride_qt, stride_qd, stride_dt, stride_dd, Tq, qk_scale,
+                 MASKED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 CHECK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dK, dV of one key block over query blocks [lo, hi). Works on transposed tiles (keys x queries) so
+    the key block stays the row operand. MASKED applies the causal mask (query blocks straddling the diagonal)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_m = lo + tl.arange(0, BLOCK_M)  # query rows i of the current block
+    q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd  # (BLOCK_M, BLOCK_D)
+    do_ptrs = do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dd  # (BLOCK_M, BLOCK_D)
+    for _ in range(lo, hi, BLOCK_M):
+        m_ok = offs_m < Tq  # the last query block may run past Tq (masked or not)
+        tile_ok = m_ok[:, None]
+        if CHECK_D:
+            tile_ok = tile_ok & d_ok[None, :]
+        q = tl.load(q_ptrs, mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(do_ptrs, mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+        if UPCAST:
+            q = q.to(tl.float32)
+            do = do.to(tl.float32)
+        # L in base 2; rows past Tq get L = +inf so their P is 0 (their q and dO are 0 too)
+        lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634  # (BLOCK_M,)
+        delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # S^T, base 2   (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse2[None, :])  # P^T = exp(S - L)^T
+        if MASKED:
+            p_t = tl.where(offs_n[:, None] <= (shift + offs_m)[None, :], p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)  # dV += P^T dO
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # dP^T = V dO^T   (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T o (dP^T - Delta)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)  # dK += dS^T Q   (scale applied at the end)
+        offs_m += BLOCK_M
+        q_ptrs += BLOCK_M * stride_qt
+        do_ptrs += BLOCK_M * stride_dt
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, START,
+                          stride_qb, stride_qh, stride_qt, stride_qd,
+                          stride_kb, stride_kh, stride_kt, stride_kd,
+                          stride_vb, stride_vh, stride_vt, stride_vd,
+                          stride_db, stride_dh, stride_dt, stride_dd,
+                          stride_gb, stride_gh, stride_gt, stride_gd,
+                          H, Tq, Tk, sm_scale, qk_scale,
+                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, CHECK_D: tl.constexpr, UPCAST: tl.constexpr,
+                          DOT_PREC: tl.constexpr):
+    """Grid (cdiv(Tk, BLOCK_N), B * H): dK and dV for one block of keys (DK and DV share the strides stride_g*)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start = tl.load(START + b)
+    shift = Tk - Tq
+    n0 = pid_n * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < Tk
+    d_ok = offs_d < HEAD_DIM
+    k = _load_tile(K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd,
+                   n_ok, d_ok, CHECK_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+    v = _load_tile(V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                   n_ok, d_ok, CHECK_D, UPCAST)  # (BLOCK_N, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    # Query i sees a key of this block only if shift + i >= n0 (causal) and shift + i >= start (not padding).
+    first = tl.maximum(tl.maximum(n0, start) - shift, 0)
+    lo = (first // BLOCK_M) * BLOCK_M
+    # A query block starting at m0 sees every key of this block iff shift + m0 >= n0 + BLOCK_N - 1.
+    full = tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift, 0), BLOCK_M) * BLOCK_M
+    hi = tl.where(n0 + BLOCK_N <= start, 0, Tq)  # a block of padding keys only: nothing to do, dK = dV = 0
+    q_base = Q + b * stride_qb + h * stride_qh
+    do_base = DO + b * stride_db + h * stride_dh
+    dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, lo, tl.minimum(full, hi), shift,
+                          q_base, do_base, LSE + pid_bh * Tq, DELTA + pid_bh * Tq,
+                          stride_qt, stride_qd, stride_dt, stride_dd, Tq, qk_scale,
+                          True, BLOCK_M, BLOCK_D, HEAD_DIM, CHECK_D, UPCAST, DOT_PREC)
+    dk, dv = _dkdv_blocks(dk, dv, k, v, offs_n, tl.maximum(lo, full), hi, shift,
+                          q_base, do_base, LSE + pid_bh * Tq, DELTA + pid_bh * Tq,
+                          stride_qt, stride_qd, stride_dt, stride_dd, Tq, qk_scale,
+                          False, BLOCK_M, BLOCK_D, HEAD_DIM, CHECK_D, UPCAST, DOT_PREC)
+    # Keys before `start` get no gradient. The loops did not mask them (P = exp(S - L) is element-wise, so their
+    # rows of dK and dV never mix with the others): zero those rows here, once.
+    real = offs_n >= start
+    dk = tl.where(real[:, None], dk * sm_scale, 0.0)  # dK = scale dS^T Q
+    dv = tl.where(real[:, None], dv, 0.0)
+    g_off = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + offs_d[None, :] * stride_gd
+    _store_tile(DK + g_off, dk, n_ok, d_ok, CHECK_D)
+    _store_tile(DV + g_off, dv, n_ok, d_ok, CHECK_D)
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse2, delta, qpos, start, lo, hi,
+               k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+               MASKED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+               CHECK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dQ of one query block over key blocks [lo, hi); MASKED as in `_attend_blocks`."""
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    offs_n = lo + tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+    for _ in range(lo, hi, BLOCK_N):
+        if MASKED:
+            kv_ok = (offs_n < Tk)[:, None] & d_ok[None, :]
+            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+        elif CHECK_D:
+            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N) base 2
+        p = tl.exp2(s - lse2[:, None])  # P = exp(S - L)
+        if MASKED:
+            allowed = (offs_n[None, :] <= qpos[:, None]) & (offs_n[None, :] >= start)
+            p = tl.where(allowed, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # dP = dO V^T   (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])  # dS = P o (dP - Delta)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)  # dQ += dS K   (scale applied at the end)
+        offs_n += BLOCK_N
+        k_ptrs += BLOCK_N * stride_kt
+        v_ptrs += BLOCK_N * stride_vt
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, START,
+                        stride_qb, stride_qh, stride_qt, stride_qd,
+                        stride_kb, stride_kh, stride_kt, stride_kd,
+                        stride_vb, stride_vh, stride_vt, stride_vd,
+                        stride_db, stride_dh, stride_dt, stride_dd,
+                        stride_gb, stride_gh, stride_gt, stride_gd,
+                        H, Tq, Tk, sm_scale, qk_scale,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_D: tl.constexpr, CHECK_D: tl.constexpr, UPCAST: tl.constexpr,
+                        DOT_PREC: tl.constexpr):
+    """Grid (cdiv(Tq, BLOCK_M), B * H): dQ for one block of queries (same key-block walk as the forward)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start = tl.load(START + b)
+    shift = Tk - Tq
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Tq
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   m_ok, d_ok, CHECK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
+    do = _load_tile(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dd,
+                    m_ok, d_ok, CHECK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
+    lse2 = tl.load(LSE + pid_bh * Tq + offs_m, mask=m_ok, other=float("inf")) * 1.4426950408889634  # (BLOCK_M,)
+    delta = tl.load(DELTA + pid_bh * Tq + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    lo = (start // BLOCK_N) * BLOCK_N
+    hi = tl.minimum(Tk, shift + m0 + BLOCK_M)
+    full_lo = tl.cdiv(start, BLOCK_N) * BLOCK_N
+    full_hi = ((shift + m0 + 1) // BLOCK_N) * BLOCK_N
+    qpos = shift + offs_m
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    dq = _dq_blocks(dq, q, do, lse2, delta, qpos, start, lo, tl.minimum(hi, full_lo),
+                    k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+                    True, BLOCK_N, BLOCK_D, HEAD_DIM, CHECK_D, UPCAST, DOT_PREC)
+    dq = _dq_blocks(dq, q, do, lse2, delta, qpos, start, tl.maximum(lo, full_lo), tl.minimum(hi, full_hi),
+                    k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+                    False, BLOCK_N, BLOCK_D, HEAD_DIM, CHECK_D, UPCAST, DOT_PREC)
+    dq = _dq_blocks(dq, q, do, lse2, delta, qpos, start, tl.maximum(lo, tl.maximum(full_lo, full_hi)), hi,
+                    k_base, v_base, stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+                    True, BLOCK_N, BLOCK_D, HEAD_DIM, CHECK_D, UPCAST, DOT_PREC)
+    _store_tile(DQ + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + offs_d[None, :] * stride_gd,
+                dq * sm_scale, m_ok, d_ok, CHECK_D)  # dQ = scale dS K
+
+
+@triton.jit
+def _attn_decode_kernel(Q, K, V, O_PART, LSE_PART, START,
+                        stride_qb, stride_qh, stride_qt, stride_qd,
+                        stride_kb, stride_kh, stride_kt, stride_kd,
+                        stride_vb, stride_vh, stride_vt, stride_vd,
+                        H, Tq, Tk, qk_scale, keys_per_split, num_splits,
+                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                        CHECK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid (num_splits, B * H): all Tq (<= BLOCK_M) queries of one (row, head) against one chunk of the cache,
+    keys [split * keys_per_split, (split + 1) * keys_per_split). Writes O_s (fp32, normalised within the chunk) to
+    O_PART (B * H, num_splits, BLOCK_M, BLOCK_D) and L_s (base 2; -inf: chunk saw no key) to LSE_PART."""
+    split = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start = tl.load(START + b)
+    shift = Tk - Tq
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    q = _load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                   offs_m < Tq, d_ok, CHECK_D, UPCAST)  # (BLOCK_M, BLOCK_D)
+    qpos = shift + offs_m
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    lo = tl.maximum(split * keys_per_split, (start // BLOCK_N) * BLOCK_N)  # keys_per_split: a multiple of BLOCK_N
+    hi = tl.minimum((split + 1) * keys_per_split, tl.minimum(Tk, shift + BLOCK_M))
+    full_lo = tl.cdiv(start, BLOCK_N) * BLOCK_N
+    full_hi = ((shift + 1) // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _attend_span(acc, m_i, l_i, q, qpos, start, lo, hi, full_lo, full_hi,
+                                 K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                                 stride_kt, stride_kd, stride_vt, stride_vd, Tk, qk_scale,
+                                 BLOCK_N, BLOCK_D, HEAD_DIM, CHECK_D, UPCAST, DOT_PREC)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    part = pid_bh * num_splits + split
+    tl.store(O_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :], acc / l_safe[:, None])
+    tl.store(LSE_PART + part * BLOCK_M + offs_m, tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe)))
+
+
+@triton.jit
+def _attn_combine_kernel(O_PART, LSE_PART, O,
+                         stride_ob, stride_oh, stride_ot, stride_od,
+                         H, Tq, num_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                         CHECK_D: tl.constexpr):
+    """Grid (B * H,): merge the chunks, L = log sum_s exp(L_s), O = sum_s exp(L_s - L) O_s, with the same running-max
+    recurrence as the forward (one chunk is one "block"). All chunks empty (a padding query) -> O = 0."""
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(0, num_splits):
+        part = pid_bh * num_splits + s
+        lse_s = tl.load(LSE_PART + part * BLOCK_M + offs_m)  # (BLOCK_M,) base 2
+        o_s = tl.load(O_PART + (part * BLOCK_M + offs_m[:, None]) * BLOCK_D + offs_d[None, :])  # (BLOCK_M, BLOCK_D)
+        m_new = tl.maximum(m_i, lse_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_ref)
+        w = tl.exp2(lse_s - m_ref)  # this chunk's share, up to the common factor exp(m')
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        m_i = m_new
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    _store_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :] * stride_od,
+                o, offs_m < Tq, offs_d < HEAD_DIM, CHECK_D)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configurations: plain functions of the problem (no autotuning, no device queries at import time).
+
+MAX_HEAD_DIM = 256
+DECODE_MAX_QUERIES = 16  # Tq up to this (and Tq < Tk, no gradient) goes to the split-KV decode kernels
+
+
+def _block_d(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def fwd_config(head_dim, dtype):
+    """Block sizes for the forward: BLOCK_M queries per program, BLOCK_N keys per step."""
+    if INTERPRETED:  # small, unequal blocks: tests with T ~ 100 cross several of each
+        return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
+    bd = _block_d(head_dim)
+    if dtype == torch.float32:  # twice the bytes per element: halve the tiles
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if bd <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    if bd == 128:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+
+
+def bwd_config(head_dim, dtype):
+    """Block sizes for the two backward passes: dK/dV (BLOCK_N keys held, BLOCK_M queries streamed) and dQ."""
+    if INTERPRETED:
+        return dict(dkdv=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
+                    dq=dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1))
+    bd = _block_d(head_dim)
+    if dtype == torch.float32 or bd > 128:
+        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+        return dict(dkdv=small, dq=small)
+    if bd <= 64:  # dK, dV, K, V of 128 keys stay in registers: 8 warps
+        return dict(dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3))
+    return dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+                dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3))
+
+
+def decode_config(head_dim, dtype):
+    """Block sizes for decode: BLOCK_N keys per step; the queries of a row fit one BLOCK_M = 16 tile."""
+    if INTERPRETED:
+        return dict(BLOCK_N=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32 or _block_d(head_dim) > 128:
+        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
+    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index):
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def decode_num_splits(batch_heads, cache_len, block_n, device):
+    """How many chunks to split the cache into: enough programs for ~4 per multiprocessor, but at least 4 key
+    blocks of work per chunk (a chunk also costs a partial write and a share of the combine). Under the interpreter
+    (pretending 4 multiprocessors) one block per chunk, so that tiny tests take the split path."""
+    if device.type == "cuda":
+        sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+        min_blocks = 4
+    else:
+        sms, min_blocks = 4, 1
+    want = triton.cdiv(4 * sms, batch_heads)
+    most = max(1, triton.cdiv(cache_len, min_blocks * block_n))
+    return max(1, min(want, most))
+
+
+def _split_plan(cache_len, num_splits, block_n):
+    """Chunks of a whole number of key blocks, and no empty trailing chunk: (keys_per_split, num_splits)."""
+    keys_per_split = triton.cdiv(triton.cdiv(cache_len, num_splits), block_n) * block_n
+    return keys_per_split, triton.cdiv(cache_len, keys_per_split)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launchers: check shapes, dtypes and devices with one-line errors, allocate outputs, launch.
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def supports(q):
+    """Whether the kernels take queries like q (dtype and head dim); the seam falls back to PyTorch otherwise."""
+    return q.dtype in _DTYPES and q.shape[-1] <= MAX_HEAD_DIM
+
+
+def _check_qkv(q, k, v, start):
+    """Validate the inputs of every entry point; returns (B, H, Tq, Tk, D)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"attention: {name} must be a 4-D tensor (B, H, T, D), got "
+                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+        if x.dtype not in _DTYPES:
+            raise ValueError(f"attention: {name} has dtype {x.dtype}; supported: float32, float16, bfloat16")
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape or k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
+        raise ValueError(f"attention: shapes do not match: q {tuple(q.shape)} (B, H, Tq, D), k {tuple(k.shape)} and "
+                         f"v {tuple(v.shape)} must both be (B, H, Tk, D)")
+    if Tq > Tk:
+        raise ValueError(f"attention: more queries than keys (Tq={Tq} > Tk={Tk}); queries are the last Tq positions")
+    if D > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim {D} > {MAX_HEAD_DIM} is not supported by the Triton kernels")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+    if start is not None:
+        if not isinstance(start, torch.Tensor) or start.shape != (B,) or start.dtype.is_floating_point:
+            raise ValueError(f"attention: start must be an integer tensor of shape ({B},), got "
+                             f"{(start.dtype, tuple(start.shape)) if isinstance(start, torch.Tensor) else start!r}")
+        if start.device != q.device:
+            raise ValueError(f"attention: start is on {start.device}, q on {q.device}")
+    if not HAVE_TRITON:
+        raise RuntimeError("attention: Triton is not installed; use NANORLHF_KERNELS=torch (the PyTorch path)")
+    if q.device.type != "cuda" and not INTERPRETED:
+        raise RuntimeError("attention: the Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 set before "
+                           "kernels/attention.py is imported (CPU interpreter)")
+    return B, H, Tq, Tk, D
+
+
+def _start_i32(start, B, Tk, device):
+    """start as the kernels read it: int32 in [0, Tk] (start >= Tk: the whole row is padding)."""
+    if start is None:
+        return torch.zeros(B, dtype=torch.int32, device=device)
+    return start.clamp(0, Tk).to(torch.int32)
+
+
+def _common(q, scale):
+    D = q.shape[-1]
+    scale = D ** -0.5 if scale is None else float(scale)
+    upcast = INTERPRETED and q.dtype == torch.bfloat16
+    return dict(HEAD_DIM=D, BLOCK_D=_block_d(D), CHECK_D=_block_d(D) != D, UPCAST=upcast,
+                DOT_PREC="ieee" if q.dtype == torch.float32 or upcast else "tf32"), scale
+
+
+def attention_forward(q, k, v, start=None, scale=None):
+    """Flash forward: q (B, H, Tq, D), k/v (B, H, Tk, D) -> O (B, H, Tq, D) in q's dtype, and the natural-log
+    log-sum-exp L (B, H, Tq) fp32 of each query's allowed scores (+inf where a query has none)."""
+    B, H, Tq, Tk, D = _check_qkv(q, k, v, start)
+    consts, scale = _common(q, scale)
+    start32 = _start_i32(start, B, Tk, q.device)
+    o = torch.empty(B, H, Tq, D, dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
+    lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)  # (B, H, Tq)
+    if B * H * Tq == 0:
+        return o, lse
+    cfg = fwd_config(D, q.dtype)
+    grid = (triton.cdiv(Tq, cfg["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](q, k, v, o, lse, start32, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                           H, Tq, Tk, scale * 1.4426950408889634, **consts, **cfg)
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, start=None, scale=None, needs=(True, True, True)):
+    """Flash backward: the gradients (dq, dk, dv) of O = attention(q, k, v, start) given dO (any strides), from the
+    forward's O and L. Entries of `needs` that are False come back as None (their pass is skipped)."""
+    B, H, Tq, Tk, D = _check_qkv(q, k, v, start)
+    if do.shape != q.shape:
+        raise ValueError(f"attention backward: grad_output has shape {tuple(do.shape)}, expected {tuple(q.shape)}")
+    consts, scale = _common(q, scale)
+    start32 = _start_i32(start, B, Tk, q.device)
+    do = do.to(q.dtype)
+    cfg = bwd_config(D, q.dtype)
+    delta = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)  # (B, H, Tq) = rowsum(dO o O)
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format) if needs[0] else None  # (B, H, Tq, D)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format) if needs[1] or needs[2] else None
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format) if needs[1] or needs[2] else None
+    if B * H * Tq == 0:
+        return dq, (dk if needs[1] else None), (dv if needs[2] else None)
+    bm = cfg["dq"]["BLOCK_M"]
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, bm), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, Tq,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=consts["BLOCK_D"], CHECK_D=consts["CHECK_D"])
+    args = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
+    if dk is not None:
+        c = cfg["dkdv"]
+        _attn_bwd_dkdv_kernel[(triton.cdiv(Tk, c["BLOCK_N"]), B * H)](
+            q, k, v, do, lse, delta, dk, dv, start32, *args, *dk.stride(),
+            H, Tq, Tk, scale, scale * 1.4426950408889634, **consts, **c)
+    if dq is not None:
+        c = cfg["dq"]
+        _attn_bwd_dq_kernel[(triton.cdiv(Tq, c["BLOCK_M"]), B * H)](
+            q, k, v, do, lse, delta, dq, start32, *args, *dq.stride(),
+            H, Tq, Tk, scale, scale * 1.4426950408889634, **consts, **c)
+    return dq, (dk if needs[1] else None), (dv if needs[2] else None)
+
+
+def decode_attention(q, k, v, start=None, scale=None, num_splits=None):
+    """Split-KV decode: q (B, H, Tq, D) with Tq <= 16 new queries at the last Tq positions of the cache k/v
+    (B, H, Tk, D) (any strides: a view of a preallocated cache is fine) -> (B, H, Tq, D). No gradient.
+    num_splits: chunks of the cache (None: enough to fill the GPU, see `decode_num_splits`)."""
+    B, H, Tq, Tk, D = _check_qkv(q, k, v, start)
+    if Tq > DECODE_MAX_QUERIES:
+        raise ValueError(f"decode_attention: at most {DECODE_MAX_QUERIES} queries per row, got {Tq}")
+    consts, scale = _common(q, scale)
+    start32 = _start_i32(start, B, Tk, q.device)
+    cfg = decode_config(D, q.dtype)
+    o = torch.empty(B, H, Tq, D, dtype=q.dtype, device=q.device)  # (B, H, Tq, D)
+    if B * H * Tq == 0:
+        return o
+    bn = cfg["BLOCK_N"]
+    if num_splits is None:
+        num_splits = decode_num_splits(B * H, Tk, bn, q.device)
+    keys_per_split, num_splits = _split_plan(Tk, num_splits, bn)
+    if num_splits == 1:  # nothing to combine: the forward kernel with one 16-query block is the same computation
+        lse = torch.empty(B, H, Tq, dtype=torch.float32, device=q.device)
+        _attn_fwd_kernel[(1, B * H)](q, k, v, o, lse, start32, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+                                     H, Tq, Tk, scale * 1.4426950408889634, **consts, BLOCK_M=16, **cfg)
+        return o
+    bm, bd = 16, consts["BLOCK_D"]
+    o_part = torch.empty(B * H, num_splits, bm, bd, dtype=torch.float32, device=q.device)  # per-chunk O_s
+    lse_part = torch.empty(B * H, num_splits, bm, dtype=torch.float32, device=q.device)  # per-chunk L_s (base 2)
+    _attn_decode_kernel[(num_splits, B * H)](q, k, v, o_part, lse_part, start32,
+                                             *q.stride(), *k.stride(), *v.stride(),
+                                             H, Tq, Tk, scale * 1.4426950408889634, keys_per_split, num_splits,
+                                             **consts, BLOCK_M=bm, **cfg)
+    _attn_combine_kernel[(B * H,)](o_part, lse_part, o, *o.stride(), H, Tq, num_splits,
+                                   HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=bd, CHECK_D=consts["CHECK_D"], num_warps=4)
+    return o
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Autograd and the public entry point.
+
+class FlashAttention(torch.autograd.Function):
+    """O = attention(q, k, v, start) with the flash forward and the deterministic two-pass flash backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, start=None, scale=None):
+        o, lse = attention_forward(q, k, v, start, scale)
+        ctx.save_for_backward(q, k, v, o, lse, start)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, start = ctx.saved_tensors
+        dq, dk, dv = attention_backward(do, q, k, v, o, lse, start, ctx.scale, needs=ctx.needs_input_grad[:3])
+        return dq, dk, dv, None, None
+
+
+def attention(q, k, v, start=None, scale=None):
+    """Causal attention with left-padding offsets through the Triton kernels; the math is the module docstring's.
+
+    q (B, H, Tq, D), k and v (B, H, Tk, D) with Tq <= Tk (any strides), start (B,) int or None -> (B, H, Tq, D).
+    fp32 / fp16 / bf16; any D <= 256 (tiles padded to a power of two). A few new queries against a longer cache
+    (Tq <= 16, Tq < Tk) with no gradient needed take the split-KV decode kernels; everything else the flash
+    forward, differentiable through `FlashAttention`.
+    """
+    _check_qkv(q, k, v, start)
+    Tq, Tk = q.shape[2], k.shape[2]
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if Tq < Tk and Tq <= DECODE_MAX_QUERIES and not needs_grad:
+        return decode_attention(q, k, v, start, scale)
+    return FlashAttention.apply(q, k, v, start, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark:  python kernels/attention.py [--out results/attention_gpu.md] [--parts validate,train,decode]
+# On a GPU: validates bf16/fp16/fp32 against `reference` first (stops if that fails), then times. Without a GPU:
+# the same validation on tiny shapes through the interpreter, clearly a correctness run; no timings.
+
+GPT2_CASES = (("gpt2-small", 12, 64), ("gpt2-medium", 16, 64), ("hd128", 16, 128))  # (name, heads, head dim)
+
+
+def _math_attention(q, k, v, causal):
+    """Eager attention as model code writes it, in the input dtype: the baseline (causal: (T, T) bool, True = keep)."""
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, T, T)
+    s = s.masked_fill(~causal, float("-inf"))
+    return torch.softmax(s.float(), dim=-1).to(q.dtype) @ v  # (B, H, T, D)
+
+
+def _torch_path(q, k, v, start):
+    """What the seam runs without Triton (SDPA with a mask), in the input dtype: context for our error figures."""
+    from nanorlhf import ops  # noqa: PLC0415  (the seam; imported late so the kernel file imports on its own)
+    old = os.environ.get("NANORLHF_KERNELS")
+    os.environ["NANORLHF_KERNELS"] = "torch"
+    try:
+        return ops.attention(q, k, v, start)
+    finally:
+        if old is None:
+            del os.environ["NANORLHF_KERNELS"]
+        else:
+            os.environ["NANORLHF_KERNELS"] = old
+
+
+def _rel_err(x, ref):
+    """max |x - ref| / max |ref| (0 when both are 0)."""
+    scale = ref.abs().max().item()
+    err = (x.float() - ref.float()).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def _validate(device, out):
+    """Forward, backward and decode against the fp32 reference; returns True if every error is within tolerance."""
+    on_gpu = device.type == "cuda"
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+    if on_gpu:  # (B, H, Tq, Tk, D)
+        train = [(3, 3, 1, 1, 64), (3, 3, 17, 17, 32), (3, 3, 100, 100, 64), (3, 2, 129, 129, 128),
+                 (3, 4, 1000, 1000, 64), (3, 2, 300, 300, 80)]
+        decode = [(3, 4, 1, 1000, 64), (3, 4, 4, 2048, 128), (64, 12, 1, 512, 64)]
+    else:  # the interpreter: seconds per launch
+        train = [(3, 2, 17, 17, 32), (3, 1, 40, 40, 64), (3, 1, 33, 33, 24)]
+        decode = [(3, 2, 1, 40, 64), (3, 1, 3, 70, 32)]
+    ok = True
+    out("| case (B, H, Tq, Tk, D) | dtype | path | O | dQ | dK | dV | torch O | ok |")
+    out("|---|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for kind, shapes in (("train", train), ("decode", decode)):
+            for B, H, Tq, Tk, D in shapes:
+                q = torch.randn(B, H, Tq, D, generator=gen).to(device, dtype)
+                k = torch.randn(B, H, Tk, D, generator=gen).to(device, dtype)
+                v = torch.randn(B, H, Tk, D, generator=gen).to(device, dtype)
+                # row 0 unpadded, row 1 a third padding, row 2 all padding, the rest random
+                start = torch.randint(0, Tk, (B,), generator=gen)
+                start[0], start[1], start[2] = 0, Tk // 3, Tk
+                start = start.to(device)
+                qf, kf, vf = (x.detach().float().requires_grad_(kind == "train") for x in (q, k, v))
+                ref = reference(qf, kf, vf, start)
+                errs = []
+                if kind == "train":
+                    do = torch.randn(B, H, Tq, D, generator=gen).to(device, dtype)
+                    ref.backward(do.float())
+                    qg, kg, vg = (x.detach().requires_grad_(True) for x in (q, k, v))
+                    o = attention(qg, kg, vg, start)
+                    o.backward(do)
+                    errs = [_rel_err(o, ref)] + [_rel_err(a.grad, b.grad) for a, b in ((qg, qf), (kg, kf), (vg, vf))]
+                    path = "flash fwd+bwd"
+                else:
+                    with torch.no_grad():
+                        o = attention(q, k, v, start)  # Tq < Tk and no grad: the split-KV decode path
+                    errs = [_rel_err(o, ref)]
+                    n = _split_plan(Tk, decode_num_splits(B * H, Tk, decode_config(D, dtype)["BLOCK_N"], device),
+                                    decode_config(D, dtype)["BLOCK_N"])[1]
+                    path = f"decode, {n} chunk{'s' if n > 1 else ''}"
+                finite = bool(torch.isfinite(o).all()) and bool((o[2].float() == 0).all())  # padded row -> zeros
+                with torch.no_grad():
+                    torch_err = _rel_err(_torch_path(q, k, v, start), ref.detach())
+                good = finite and all(e <= tol[dtype] for e in errs)
+                ok &= good
+                cells = [f"{e:.1e}" for e in errs] + ["-"] * (4 - len(errs))
+                out(f"| {kind} {(B, H, Tq, Tk, D)} | {str(dtype)[6:]} | {path} | {' | '.join(cells)} | "
+                    f"{torch_err:.1e} | {'yes' if good else '**NO**'} |")
+    tols = ", ".join(f"{str(dt)[6:]} {t:g}" for dt, t in tol.items())
+    out(f"\nErrors: max|ours - ref| / max|ref| against the fp32 reference (tolerances: {tols}); `torch O` is the same "
+        "measure for the seam's PyTorch path (SDPA) in the same dtype. Row 2 of every case is all padding and must "
+        "come out as exact zeros.")
+    return ok
+
+
+def _bench_ms(fn, grad_to_none=None):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+
+
+def _peak_rates(device):
+    """Measured bf16 matmul rate (TFLOP/s, 8192^3) and copy bandwidth (GB/s, 1 GiB read + 1 GiB written)."""
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    tflops = 2 * n ** 3 / _bench_ms(lambda: a @ b) / 1e9
+    x = torch.empty(2 ** 28, device=device, dtype=torch.float32)
+    y = torch.empty_like(x)
+    gbs = 2 * x.nbytes / _bench_ms(lambda: y.copy_(x)) / 1e6
+    del a, b, x, y
+    return tflops, gbs
+
+
+def _train_providers(names):
+    """name -> f(q, k, v, causal_mask) for the training-shape table; None where this torch lacks it."""
+    import torch.nn.functional as F  # noqa: PLC0415
+    from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: PLC0415
+
+    def pinned(backend):
+        def f(q, k, v, causal):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return f
+
+    import torch._dynamo.config as dynamo_config  # noqa: PLC0415  one static compile per shape: raise the limit
+    for knob in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo_config, knob):
+            setattr(dynamo_config, knob, 256)
+    table = {
+        "eager": _math_attention,
+        "compile": torch.compile(_math_attention, dynamic=False),
+        "sdpa-flash": pinned(SDPBackend.FLASH_ATTENTION),
+        "sdpa-efficient": pinned(SDPBackend.EFFICIENT_ATTENTION),
+        "sdpa-cudnn": pinned(SDPBackend.CUDNN_ATTENTION) if hasattr(SDPBackend, "CUDNN_ATTENTION") else None,
+        "ours": lambda q, k, v, causal: attention(q, k, v),
+    }
+    return {n: table[n] for n in names}
+
+
+def _time_one(fn, mode, q, k, v, do, causal):
+    """Median ms of one provider: fwd (no grad), bwd (backward of a kept forward), or fwd+bwd."""
+    if fn is None:
+        raise RuntimeError("not in this torch")
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(q, k, v, causal)
+        return _bench_ms(run)
+    if mode == "bwd":
+        o = fn(q, k, v, causal)
+        return _bench_ms(lambda: o.backward(do, retain_graph=True), grad_to_none=[q, k, v])
+    return _bench_ms(lambda: fn(q, k, v, causal).backward(do), grad_to_none=[q, k, v])
+
+
+def _time_training(device, peak_tflops, providers, seqlens, tokens, out):
+    out("| case | T | B | pass | provider | ms | TFLOP/s | of matmul peak | vs sdpa-flash |")
+    out("|---|---|---|---|---|---|---|---|---|")
+    fns = _train_providers(sorted(set(providers) | {"sdpa-flash"}))
+    for case, H, D in GPT2_CASES:
+        for T in seqlens:
+            B = max(1, tokens // T)
+            q, k, v = (torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            do = torch.randn(B, H, T, D, device=device, dtype=torch.bfloat16)
+            causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            fwd_flops = 4 * B * H * T * T * D / 2  # causal: half the score matrix
+            for mode, mult in (("fwd", 1.0), ("bwd", 2.5), ("fwd+bwd", 3.5)):
+                flash_ms = None  # sdpa-flash runs first (always): the other rows are compared with it
+                for name in ["sdpa-flash"] + [p for p in providers if p != "sdpa-flash"]:
+                    try:
+                        ms = _time_one(fns[name], mode, q, k, v, do, causal)
+                    except Exception as e:  # unsupported backend, out of memory, ...: report it and go on
+                        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:60]
+                        if name in providers:
+                            out(f"| {case} ({H}x{D}) | {T} | {B} | {mode} | {name} | n/a: {msg} | | | |")
+                        torch.cuda.empty_cache()
+                        continue
+                    if name == "sdpa-flash":
+                        flash_ms = ms
+                    if name in providers:
+                        tf = mult * fwd_flops / ms / 1e9
+                        vs = f"{flash_ms / ms:.2f}x" if flash_ms else "-"
+                        out(f"| {case} ({H}x{D}) | {T} | {B} | {mode} | {name} | {ms:.3f} | {tf:.0f} | "
+                            f"{100 * tf / peak_tflops:.0f}% | {vs} |")
+            del q, k, v, do, causal
+            torch.cuda.empty_cache()
+
+
+def _time_decode(device, peak_gbs, batches, cache_lens, out):
+    import torch.nn.functional as F  # noqa: PLC0415
+    out("| case | batch | cache L | provider | ms | KV GB/s | of bandwidth | splits |")
+    out("|---|---|---|---|---|---|---|---|")
+    case, H, D = GPT2_CASES[0]
+    for B in batches:
+        for L in cache_lens:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            cache_k = torch.randn(B, H, L + 128, D, device=device, dtype=torch.bfloat16)  # preallocated (Tmax = L+128)
+            cache_v = torch.randn(B, H, L + 128, D, device=device, dtype=torch.bfloat16)
+            k, v = cache_k[:, :, :L], cache_v[:, :, :L]  # the model's view of the filled part, (B, H, L, D)
+            q = torch.randn(B, H, 1, D, device=device, dtype=torch.bfloat16)
+            start = torch.randint(0, L // 4, (B,), generator=gen).to(device)  # left padding up to L/4
+            kv_bytes = 2 * B * H * L * D * 2
+            splits = decode_num_splits(B * H, L, decode_config(D, torch.bfloat16)["BLOCK_N"], device)
+            runs = {
+                "ours": (lambda: attention(q, k, v), str(splits)),
+                "ours, left-padded": (lambda: attention(q, k, v, start), str(splits)),
+                "sdpa (default)": (lambda: F.scaled_dot_product_attention(q, k, v), "-"),
+                "eager": (lambda: torch.softmax(((q @ k.transpose(-1, -2)) * D ** -0.5).float(), -1).to(q.dtype) @ v,
+                          "-"),
+            }
+            for name, (fn, sp) in runs.items():
+                with torch.no_grad():
+                    ms = _bench_ms(fn)
+                gbs = kv_bytes / ms / 1e6
+                out(f"| {case} ({H}x{D}) | {B} | {L} | {name} | {ms:.4f} | {gbs:.0f} | {100 * gbs / peak_gbs:.0f}% | "
+                    f"{sp} |")
+            del cache_k, cache_v, k, v, q
+
+
+def _main(argv=None):
+    import argparse  # noqa: PLC0415
+    import datetime  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+
+    ap = argparse.ArgumentParser(description="Validate, then benchmark, the attention kernels.")
+    ap.add_argument("--out", help="also write the report (markdown) to this file")
+    ap.add_argument("--parts", default="validate,train,decode", help="comma list of validate, train, decode")
+    ap.add_argument("--providers", default="eager,compile,sdpa-flash,sdpa-efficient,sdpa-cudnn,ours")
+    ap.add_argument("--seqlens", default="512,1024,2048,4096")
+    ap.add_argument("--tokens", type=int, default=16384, help="batch = tokens // T for the training shapes")
+    ap.add_argument("--batches", default="16,64,256", help="decode batch sizes")
+    ap.add_argument("--cache-lens", default="512,2048", help="decode cache lengths")
+    args = ap.parse_args(argv)
+    parts = set(args.parts.split(","))
+    known = ("eager", "compile", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "ours")
+    if parts - {"validate", "train", "decode"} or set(args.providers.split(",")) - set(known):
+        ap.error(f"--parts takes validate,train,decode; --providers takes {','.join(known)}")
+    lines = []
+
+    def out(line=""):
+        print(line, flush=True)
+        lines.append(line)
+        if args.out:  # rewritten after every line: a run cut short still leaves what it measured
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+
+    on_gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if on_gpu else "cpu")
+    name = torch.cuda.get_device_name() if on_gpu else f"CPU ({platform.processor() or platform.machine()})"
+    out("# Attention kernels: " + ("validation and benchmark" if on_gpu else "CPU correctness run (interpreter)"))
+    out()
+    out(f"- date: {datetime.date.today()}")
+    out(f"- device: {name}" + (f" (sm_{''.join(map(str, torch.cuda.get_device_capability()))})" if on_gpu else ""))
+    out(f"- torch {torch.__version__}, triton {triton.__version__ if HAVE_TRITON else 'not installed'}, "
+        f"CUDA {torch.version.cuda}, Python {platform.python_version()}")
+    out(f"- TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
+    if not HAVE_TRITON:
+        out("\nTriton is not installed: nothing to run.")
+        return 1
+    if not on_gpu:
+        out("- no GPU: tiny shapes through Triton's CPU interpreter; this checks correctness only, it measures nothing")
+        out("- bf16 under the interpreter: loads are upcast to fp32, and the interpreter's fp32 -> bf16 store "
+            "truncates instead of rounding to nearest, so bf16 errors here read about 2x what a GPU gives")
+    if "validate" in parts:
+        out("\n## Correctness against the fp32 reference\n")
+        if not _validate(device, out):
+            out("\n**Validation failed: not benchmarking.**")
+            return 1
+    if not on_gpu:
+        out("\nTimings need a GPU: skipped.")
+        return 0
+    peak_tflops, peak_gbs = _peak_rates(device)
+    out(f"\n## Reference rates\n\n- bf16 matmul (8192^3): {peak_tflops:.0f} TFLOP/s\n"
+        f"- copy bandwidth (1 GiB in, 1 GiB out): {peak_gbs:.0f} GB/s")
+    if "train" in parts:
+        out("\n## Training shapes (causal, bf16)\n")
+        out("FLOPs: 4 B H T^2 D / 2 forward (causal), x2.5 backward, x3.5 both; median of `triton.testing.do_bench`. "
+            "`vs sdpa-flash` = SDPA-flash ms / this ms (> 1: faster than flash).\n")
+        _time_training(device, peak_tflops, args.providers.split(","), [int(t) for t in args.seqlens.split(",")],
+                       args.tokens, out)
+    if "decode" in parts:
+        out("\n## Decode (one new token per row against a bf16 KV cache, a view of a longer buffer)\n")
+        out("Bytes: K and V read once, 2 x B H L D x 2 bytes.\n")
+        _time_decode(device, peak_gbs, [int(b) for b in args.batches.split(",")],
+                     [int(c) for c in args.cache_lens.split(",")], out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,157 @@
+"""Human feedback in the terminal: rank K sampled responses per prompt, the data the reward model learns from.
+
+InstructGPT's labelers saw a prompt and K = 4 to 9 responses from the SFT model and ranked them best to worst
+(§3.4). This is that interface for one person at a keyboard:
+
+    python -m nanorlhf.label --ckpt out/sft.pt --prompts data/prompts_train.jsonl --k 4 --out data/rankings_human.jsonl
+
+For each prompt it shows K distinct responses, numbered, and reads a ranking best first: "3 1 4 2" (or "3142"
+for K <= 9). "s" skips the prompt, "q" (or Ctrl-D) quits; anything else asks again with a hint. Each ranking is
+appended to --out as {"prompt", "responses": [best first]} and flushed at once, so quitting or a crash loses
+nothing. A new session resumes after the prompts already in --out (skipped ones are offered again). Train on the
+file with train_rm.py like any rankings file.
+
+Responses keep their "<|endoftext|>" when the model ended them; one cut off at --max_new_tokens is shown as such.
+Prompt i's responses come from seed + i, so the same prompt draws the same responses in every session.
+"""
+
+import json
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanorlhf.config import UserError, run
+from nanorlhf.data import load_prompts, load_rankings
+from nanorlhf.sample import END, load_policy, respond
+
+
+@dataclass
+class Config:
+    """Rank K sampled responses per prompt in the terminal; rankings go to --out (best first)."""
+
+    ckpt: str = "out/sft.pt"
+    """the policy to sample from: a GPT checkpoint (sft or ppo) or a Hugging Face GPT-2 directory"""
+    prompts: str = "data/prompts_train.jsonl"
+    """prompts {"prompt"} to label, in order"""
+    out: str = "data/rankings_human.jsonl"
+    """rankings are appended here; prompts already in it are skipped"""
+    k: int = 4
+    """responses per prompt (InstructGPT: 4 to 9)"""
+    max_new_tokens: int = 64
+    """longest response, in tokens"""
+    temperature: float = 1.0
+    """sampling temperature (1: the policy's own distribution, what the reward model will judge)"""
+    top_k: int = 0
+    """sample among the k likeliest tokens only (0: all)"""
+    top_p: float = 1.0
+    """nucleus sampling (1: off)"""
+    seed: int = 0
+    """prompt i's responses are drawn with seed + i"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+
+
+def draw_responses(model, prompt, cfg: Config, seed: int, rounds: int = 3) -> list[str]:
+    """Up to K distinct responses (a ranking of two equal texts teaches nothing): a few rounds of K samples."""
+    generator = torch.Generator(device=model.lm_head.weight.device).manual_seed(seed)
+    distinct = []
+    for _ in range(rounds):
+        for text, _ in respond(model, prompt, cfg.k, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                               generator):
+            if text not in distinct and len(distinct) < cfg.k:
+                distinct.append(text)
+        if len(distinct) == cfg.k:
+            break
+    return distinct
+
+
+def parse_ranking(text: str, k: int):
+    """'3 1 4 2' (or '3,1,4,2', or '3142' when k <= 9) -> [2, 0, 3, 1] (0-based, best first); None if invalid."""
+    parts = [p for p in re.split(r"[\s,>]+", text.strip()) if p]
+    if len(parts) == 1 and k <= 9 and len(parts[0]) == k:
+        parts = list(parts[0])
+    if not all(p.isdigit() for p in parts):
+        return None
+    order = [int(p) - 1 for p in parts]
+    if sorted(order) != list(range(k)):
+        return None
+    return order
+
+
+def show(i, n_prompts, prompt, responses):
+    print(f"\n{'=' * 30} prompt {i + 1} of {n_prompts} {'=' * 30}")
+    print(prompt)
+    for j, text in enumerate(responses):
+        shown = text.removesuffix(END) if text.endswith(END) else text + "  [cut off]"
+        print(f"\n[{j + 1}] " + shown.lstrip(" ").replace("\n", "\n    "))  # display only: the file keeps it all
+    print()
+
+
+def ask(k):
+    """The person's answer: a ranking (0-based, best first), "s" or "q"."""
+    hint = (f"rank all {k} responses, best first: the numbers 1 to {k} once each, e.g. "
+            f"'{' '.join(str(j) for j in [2, 1] + list(range(3, k + 1)))}'; s skips this prompt, q quits")
+    while True:
+        print("rank (best first; s skip, q quit)> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input: same as quitting
+            print()
+            return "q"
+        answer = line.strip().lower()
+        if answer in ("s", "q"):
+            return answer
+        order = parse_ranking(answer, k)
+        if order is not None:
+            return order
+        print(f"  ? {hint}")
+
+
+def main(cfg: Config):
+    if cfg.k < 2:
+        raise UserError("--k must be at least 2: a ranking compares responses")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_policy(cfg.ckpt, device)
+    prompts = load_prompts(cfg.prompts)
+    out = Path(cfg.out)
+    done = Counter()  # prompts already ranked, counted: a prompt listed twice is labeled twice
+    if out.exists() and out.read_text().strip():
+        done.update(prompt for prompt, _ in load_rankings(out))
+    todo = sum((Counter(prompts) - done).values())
+    print(f"{sum(done.values())} rankings already in {out}; {todo} of {len(prompts)} prompts to go")
+    if todo == 0:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labeled = 0
+    with open(out, "a") as f:
+        if out.stat().st_size and not out.read_text().endswith("\n"):  # a hand-edited file: keep records apart
+            f.write("\n")
+        for i, prompt in enumerate(prompts):
+            if done[prompt] > 0:
+                done[prompt] -= 1
+                continue
+            responses = draw_responses(model, prompt, cfg, cfg.seed + i)
+            if len(responses) < 2:
+                print(f"\nprompt {i + 1}: every sample was the same response; skipped")
+                continue
+            show(i, len(prompts), prompt, responses)
+            answer = ask(len(responses))
+            if answer == "q":
+                break
+            if answer == "s":
+                continue
+            f.write(json.dumps({"prompt": prompt, "responses": [responses[j] for j in answer]}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk now: a crash or a power cut keeps every ranking typed so far
+            labeled += 1
+    print(f"labeled {labeled} prompts this session; rankings are in {out}")
+
+
+if __name__ == "__main__":
+    run(main, Config)

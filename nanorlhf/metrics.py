@@ -1,0 +1,83 @@
+"""A run's metrics as JSONL: one record per log() call, in RUN_DIR/metrics.jsonl.
+
+    log = MetricsLog("out/ppo")                 # appends: a resumed run continues the same file
+    log.log(step, reward=1.3, kl=0.02)          # -> {"step": 100, "reward": 1.3, "kl": 0.02}
+    records = read_metrics("out/ppo")           # [{"step": ..., ...}, ...]; `python -m nanorlhf.plot out/ppo`
+
+Each record is written and flushed at once, so a crash loses at most the line being written (read_metrics skips
+a cut-off last line). With several processes (DDP), log from rank 0 only: the others would append the same
+figures again, or interleave half lines.
+"""
+
+import json
+import math
+from pathlib import Path
+
+from nanorlhf.config import UserError
+
+FILENAME = "metrics.jsonl"
+
+
+def as_number(name, value):
+    """A Python number from an int, float, bool, 0-d tensor or NumPy scalar (anything with .item()).
+
+    None stays None (written as null: a figure with nothing to measure this step); plots skip it."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if value is not None and not isinstance(value, (int, float)):
+        raise TypeError(f"metric {name!r} must be a number or None, got {type(value).__name__}")
+    return value
+
+
+class MetricsLog:
+    """Append-only JSONL metrics for one run. Call log() on rank 0 only (see the module docstring)."""
+
+    def __init__(self, run_dir, fresh=False):
+        self.path = Path(run_dir) / FILENAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "w" if fresh else "a")  # fresh: a new run replaces an old run's file
+
+    def log(self, step: int, **figures) -> dict:
+        record = {"step": int(step), **{k: as_number(k, v) for k, v in figures.items()}}
+        # NaN and inf are written as JSON's common extensions NaN / Infinity, which json.loads reads back.
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        return record
+
+    def close(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_metrics(run_dir) -> list[dict]:
+    """The records of RUN_DIR/metrics.jsonl (or of a metrics file given directly), in the order logged."""
+    path = Path(run_dir)
+    if path.suffix != ".jsonl":  # a run directory (existing or not: then the error names the file we looked for)
+        path = path / FILENAME
+    if not path.exists():
+        raise UserError(f"{path}: no such file (a run writes it through nanorlhf.metrics.MetricsLog)")
+    lines = path.read_text().splitlines()
+    records = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            if lineno == len(lines):  # the run was killed mid-write: only the last line can be cut off
+                break
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(r, dict) or not isinstance(r.get("step"), int):
+            raise UserError(f"{path}:{lineno}: expected an object with an integer 'step'")
+        records.append(r)
+    return records
+
+
+def is_number(value) -> bool:
+    """A finite int or float (not a bool): something a curve can show."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
