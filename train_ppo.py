@@ -50,15 +50,15 @@ class Config:
     """held-out prompts for the gold score ("" to skip; only the built-in task's prompts are scored)"""
     out: str = "out/ppo.pt"
     """where the checkpoint goes"""
-    iters: int = 60
+    iters: int = 50
     """PPO iterations (each: one batch of rollouts, then ppo_epochs over it)"""
     batch_size: int = 64
     """prompts rolled out per iteration"""
     minibatch_size: int = 16
     """rollouts per gradient step"""
-    ppo_epochs: int = 4
+    ppo_epochs: int = 2
     """passes over each batch of rollouts"""
-    lr: float = 1e-4
+    lr: float = 5e-5
     """policy learning rate (Adam)"""
     vf_lr: float = 1e-4
     """value function learning rate"""
@@ -66,9 +66,9 @@ class Config:
     """sampling temperature; the log-probs are computed at the same temperature"""
     max_new_tokens: int = 16
     """longest response"""
-    no_eos_penalty: float = -2.0
+    no_eos_penalty: float = -5.0
     """score given, instead of the RM's, to a response that never produced <|endoftext|>"""
-    init_kl_coef: float = 0.05
+    init_kl_coef: float = 0.2
     """beta: weight of the per-token KL penalty to the SFT model"""
     adaptive_kl: bool = True
     """adapt beta towards target_kl (Ziegler et al.'s controller); false keeps beta fixed"""
@@ -94,7 +94,7 @@ class Config:
     """PPO-ptx: demonstrations {"prompt", "response"} for the LM loss (InstructGPT uses pretraining data)"""
     grad_clip: float = 1.0
     """clip each model's gradient norm (0: off)"""
-    eval_interval: int = 20
+    eval_interval: int = 25
     """iterations between held-out gold scores (and at the end)"""
     eval_n: int = 200
     """held-out prompts for the gold score"""

@@ -56,7 +56,7 @@ class Config:
     """dropout while training SFT"""
     batch_size: int = 64
     """examples per step"""
-    max_iters: int = 500
+    max_iters: int = 400
     """optimizer steps"""
     lr: float = 2e-3
     """peak learning rate"""
@@ -70,7 +70,7 @@ class Config:
     """clip the gradient's global norm to this (0: off)"""
     val_fraction: float = 0.02
     """fraction of the demonstrations held out for the validation loss"""
-    eval_interval: int = 250
+    eval_interval: int = 200
     """steps between evaluations (and at the end)"""
     eval_n: int = 200
     """held-out prompts sampled for the gold score"""

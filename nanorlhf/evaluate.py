@@ -94,7 +94,7 @@ class EvalConfig:
     """sampling temperature (the one PPO trained at)"""
     max_new_tokens: int = 16
     """longest response"""
-    no_eos_penalty: float = -2.0
+    no_eos_penalty: float = -5.0
     """RM score of a response without <|endoftext|> (as in train_ppo.py)"""
     out: str = "out/eval.md"
     """where the table goes (and a .json beside it)"""

