@@ -61,6 +61,13 @@ def attention(q, k, v, start=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Seam 2: log-probabilities of chosen tokens through the LM head (kernels/logprobs.py states the math).
 
+def _logprob_backend(x):
+    """"triton" or "torch" for the log-prob seams; in auto mode float64 (which the kernels do not take) uses PyTorch."""
+    if use_triton(x) and (os.environ.get("NANORLHF_KERNELS") == "triton" or x.dtype != torch.float64):
+        return "triton"
+    return "torch"
+
+
 def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False, *, mask=None):
     """log pi(targets) under softmax(hidden @ weight.T / temperature).
 
@@ -94,7 +101,7 @@ def token_logprob_stats(hidden, weight, targets, temperature=1.0, *, mask=None, 
     if ref_hidden is not None:
         ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
         ref_weight = ref_weight.to(ref_hidden.dtype)
-    backend = "triton" if use_triton(hidden) else "torch"
+    backend = _logprob_backend(hidden)
     out = logprob_kernels.fused_logprobs(hidden.reshape(-1, d), weight, targets.reshape(-1), temperature,
                                          mask=flat(mask), with_entropy=with_entropy, ref_logprobs=flat(ref_logprobs),
                                          ref_hidden=ref_hidden, ref_weight=ref_weight, kl_estimator=kl_estimator,
@@ -110,7 +117,7 @@ def logits_logprobs(logits, targets, temperature=1.0, *, mask=None, with_entropy
     lead, V = targets.shape, logits.shape[-1]
     flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
     rows = lambda x: None if x is None else x.reshape(-1, V)  # noqa: E731
-    backend = "triton" if use_triton(logits) else "torch"
+    backend = _logprob_backend(logits)
     out = logprob_kernels.logprobs(rows(logits), targets.reshape(-1), temperature, mask=flat(mask),
                                    with_entropy=with_entropy, ref_logprobs=flat(ref_logprobs),
                                    ref_logits=rows(ref_logits), kl_estimator=kl_estimator, backend=backend)
