@@ -32,7 +32,7 @@ from nanorlhf.evaluate import gold_eval
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import (GPT, GPTConfig, ScalarModel, generate, response_logprobs, response_mask,
                             response_values)
-from nanorlhf.optim import adamw, set_lr
+from nanorlhf.optim import adamw
 from nanorlhf.tokenizer import encode
 
 

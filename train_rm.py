@@ -178,7 +178,6 @@ def main(cfg: Config):
     # 2. Train on all C(K, 2) pairs of each prompt at once, for `epochs` passes.
     optimizer = adamw(rm, cfg.lr, cfg.weight_decay)
     plan = [b for _ in range(cfg.epochs) for b in batches(train, cfg.batch_size, rng)]
-    t1 = time.time()
     metrics = MetricsLog(Path(cfg.out).with_suffix(""), fresh=True)  # out/rm.pt -> out/rm/metrics.jsonl
     bar = tqdm(plan, desc="rm", dynamic_ncols=True, mininterval=1.0)
     for it, batch in enumerate(bar):

@@ -35,12 +35,11 @@ def open_text(path):
     return gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)
 
 
-def read_jsonl(path, fields: dict) -> list[dict]:
-    """Records of a JSONL file, each checked to have `fields` ({name: type}); blank lines are skipped."""
+def json_lines(path):
+    """(line number, object) for each non-blank line of a JSONL file; a bad line is a one-line UserError."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
-    records = []
     with open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -51,14 +50,21 @@ def read_jsonl(path, fields: dict) -> list[dict]:
                 raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(r, dict):
                 raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(r).__name__}")
-            for name, kind in fields.items():
-                if name not in r:
-                    raise UserError(f"{path}:{lineno}: missing field '{name}'")
-                if not isinstance(r[name], kind):
-                    raise UserError(f"{path}:{lineno}: field '{name}' must be {kind.__name__}, "
-                                    f"got {type(r[name]).__name__}")
-            r["_line"] = lineno
-            records.append(r)
+            yield lineno, r
+
+
+def read_jsonl(path, fields: dict) -> list[dict]:
+    """Records of a JSONL file, each checked to have `fields` ({name: type}); blank lines are skipped."""
+    records = []
+    for lineno, r in json_lines(path):
+        for name, kind in fields.items():
+            if name not in r:
+                raise UserError(f"{path}:{lineno}: missing field '{name}'")
+            if not isinstance(r[name], kind):
+                raise UserError(f"{path}:{lineno}: field '{name}' must be {kind.__name__}, "
+                                f"got {type(r[name]).__name__}")
+        r["_line"] = lineno
+        records.append(r)
     if not records:
         raise UserError(f"{path}: no records")
     return records
@@ -95,17 +101,6 @@ def load_rankings(path) -> list[tuple[str, list[str]]]:
 
 def read_jsonl_first(path) -> dict:
     """The first record of a JSONL file, unchecked (to tell formats apart)."""
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(r, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(r).__name__}")
-                return r
+    for _, r in json_lines(path):
+        return r
     raise UserError(f"{path}: no records")

@@ -1,15 +1,8 @@
-import math
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from nanorlhf import ppo
 from nanorlhf.model import GPT, GPTConfig, generate, response_logprobs, response_mask
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gae_matches_a_plain_loop():

@@ -4,7 +4,7 @@ import random
 import pytest
 import torch
 
-from nanorlhf.model import GPT, GPTConfig, ScalarModel
+from nanorlhf.model import GPTConfig, ScalarModel
 from nanorlhf.reward import pairwise_accuracy, ranking_loss, score_texts
 from train_rm import batches, group_scores
 
