@@ -11,6 +11,7 @@ Reads  out/sft.pt; data/prompts_train.jsonl and data/prompts_eval.jsonl (default
 Writes out/rm.pt; out/rankings_train.jsonl and out/rankings_eval.jsonl (default)
 """
 
+import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from nanorlhf.config import UserError, run
 from nanorlhf.data import load_prompts, load_rankings, write_jsonl
 from nanorlhf.datasets import load_preferences
 from nanorlhf.metrics import MetricsLog
-from nanorlhf.evaluate import sample_responses
+from nanorlhf.evaluate import as_response, sample_responses
 from nanorlhf.model import GPT, ScalarModel, left_pad
 from nanorlhf.optim import adamw, lr_at, set_lr
 from nanorlhf.reward import encode_pair, pairwise_accuracy, ranking_loss, score_texts
@@ -89,7 +90,7 @@ def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, g
     records = []
     for i, prompt in enumerate(prompts):
         # A response that never ended is shown to the labeler as it is (it scores as what it says).
-        responses = [text + ("<|endoftext|>" if ended else "") for text, ended in samples[i * k:(i + 1) * k]]
+        responses = [as_response(text, ended) for text, ended in samples[i * k:(i + 1) * k]]
         order = tasks.rank(prompt, responses, rng, noise)
         records.append({"prompt": prompt, "responses": [responses[j] for j in order]})
     return records
@@ -120,7 +121,9 @@ def group_scores(rm, batch, block_size, device):
 def evaluate(rm, groups):
     """Held-out accuracy of the RM against the rankings, and (built-in task) against the gold score."""
     rm.eval()
-    scores = [score_texts(rm, [p] * len(rs), rs).tolist() for p, rs in groups]
+    flat = score_texts(rm, [p for p, rs in groups for _ in rs], [r for _, rs in groups for r in rs]).tolist()
+    starts = list(itertools.accumulate((len(rs) for _, rs in groups), initial=0))
+    scores = [flat[a:b] for a, b in zip(starts, starts[1:])]  # back into one list per group
     rm.train()
     in_order = [list(range(len(rs))) for _, rs in groups]  # rankings are stored best first
     same = [[hash(r) for r in rs] for _, rs in groups]  # identical responses have no right order
@@ -200,7 +203,7 @@ def main(cfg: Config):
     prompts = [p for p, _ in train][:cfg.n_normalize]
     samples = sample_responses(policy, prompts, cfg.max_new_tokens, cfg.temperature, 128, generator)
     rm.eval()
-    sft_scores = score_texts(rm, prompts, [t + ("<|endoftext|>" if e else "") for t, e in samples])
+    sft_scores = score_texts(rm, prompts, [as_response(t, e) for t, e in samples])
     with torch.no_grad():
         rm.head.bias -= sft_scores.mean()
     print(f"normalised: SFT samples' score mean {sft_scores.mean().item():+.3f} -> 0, std {sft_scores.std().item():.3f}")

@@ -44,6 +44,11 @@ def rollouts(model, prompts, max_new_tokens, temperature=1.0, batch_size=64, gen
     return out
 
 
+def as_response(text, ended):
+    """A sampled text as a response the RM scores: with <|endoftext|> if the model produced it."""
+    return text + "<|endoftext|>" if ended else text
+
+
 def sample_responses(model, prompts, max_new_tokens, temperature=1.0, batch_size=64, generator=None):
     """One sampled response per prompt: [(text without <|endoftext|>, ended with it)]."""
     return [(t, e) for t, e, _ in rollouts(model, prompts, max_new_tokens, temperature, batch_size, generator)]
@@ -120,7 +125,7 @@ def main(cfg: EvalConfig):
     g = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def rm_scores(samples, prompts_):
-        s = score_texts(rm, prompts_, [t + "<|endoftext|>" if e else t for t, e, _ in samples])
+        s = score_texts(rm, prompts_, [as_response(t, e) for t, e, _ in samples])
         return [x if e else cfg.no_eos_penalty for x, (_, e, _) in zip(s.tolist(), samples)]
 
     rows = {}
