@@ -13,6 +13,7 @@ Writes out/ppo.pt (the policy under "model", the value function under "value")
 
     python train_ppo.py
     python train_ppo.py --benchmark    # the reference speed workload (random GPT-2-shaped models)
+    torchrun --standalone --nproc_per_node=4 train_ppo.py    # 4 GPUs (DDP): each rolls out batch_size prompts
 """
 
 import random
@@ -25,9 +26,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanorlhf import checkpoint, ppo
+from nanorlhf import checkpoint, dist, ppo
 from nanorlhf.config import UserError, run
 from nanorlhf.data import load_prompts, load_sft
+from nanorlhf.datasets import load_prompt_texts
 from nanorlhf.evaluate import gold_eval
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import (GPT, GPTConfig, ScalarModel, generate, response_logprobs, response_mask,
@@ -46,6 +48,9 @@ class Config:
     """reward model checkpoint: the reward, and the value function's start"""
     prompts: str = "data/prompts_train.jsonl"
     """prompts to roll out on {"prompt"}"""
+    data: str = ""
+    """prompts to roll out on, from a file in any format of README "Data formats" (prompts, demonstrations,
+    rankings, pairs, HH-RLHF, TL;DR), each distinct prompt once; "" = --prompts"""
     eval_prompts: str = "data/prompts_eval.jsonl"
     """held-out prompts for the gold score ("" to skip; only the built-in task's prompts are scored)"""
     out: str = "out/ppo.pt"
@@ -53,9 +58,9 @@ class Config:
     iters: int = 50
     """PPO iterations (each: one batch of rollouts, then ppo_epochs over it)"""
     batch_size: int = 64
-    """prompts rolled out per iteration"""
+    """prompts rolled out per iteration and process (torchrun: world_size x batch_size in all)"""
     minibatch_size: int = 16
-    """rollouts per gradient step"""
+    """rollouts per gradient step and process"""
     ppo_epochs: int = 2
     """passes over each batch of rollouts"""
     lr: float = 5e-5
@@ -98,10 +103,18 @@ class Config:
     """iterations between held-out gold scores (and at the end)"""
     eval_n: int = 200
     """held-out prompts for the gold score"""
+    dtype: str = "auto"
+    """autocast dtype of forward passes: auto (bfloat16 on a GPU that has it, else float32), bfloat16 or float32"""
+    compile: bool = False
+    """torch.compile the policy and the value function for their training passes (generation runs eager)"""
     seed: int = 0
     """random seed"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    ckpt_interval: int = 10
+    """iterations between resumable checkpoints at --out (0: only the final one)"""
+    resume: bool = False
+    """continue the run from its checkpoint at --out"""
     benchmark: bool = False
     """speed benchmark: random 4-layer 128-wide GPT-2-shaped models, 64 prompts of 16 tokens, exactly 32 new
     tokens, 4 epochs of minibatch 16, 2 threads; prints median seconds per iteration and peak memory"""
@@ -140,16 +153,24 @@ def main(cfg: Config):
     rng = random.Random(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    device = dist.setup()  # under torchrun: join the process group, this process's GPU (nanorlhf/dist.py)
+    amp = dist.autocast(device, cfg.dtype)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + dist.rank())  # rollouts differ per process
+    global_batch = cfg.batch_size * dist.world_size()
+    reduce = dist.all_reduce_sum if dist.world_size() > 1 else None  # whitening over every process's tokens
+    if cfg.resume and cfg.benchmark:
+        raise UserError("--resume does not go with --benchmark (a benchmark writes no checkpoint)")
+    resumed = checkpoint.load_resumable(cfg, "train_ppo.py", kind="ppo") if cfg.resume else None
+    if cfg.resume and resumed is None:
+        return  # that run had finished
 
     if cfg.benchmark:
         policy, ref, rm, value = benchmark_models(device)
-        prompts = [[rng.randrange(50256) for _ in range(16)] for _ in range(cfg.batch_size)]
+        prompts = [[rng.randrange(50256) for _ in range(16)] for _ in range(global_batch)]
         eval_prompts = []
     else:
         policy, ref, rm, value = load_models(cfg, device)
-        prompts = [encode(p) for p in load_prompts(cfg.prompts)]
+        prompts = [encode(p) for p in load_prompt_texts(cfg.data or cfg.prompts)]
         eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
     ptx = None
     if cfg.ptx_coef > 0:
@@ -161,29 +182,46 @@ def main(cfg: Config):
     policy.train(), value.train()  # dropout is 0 in all four models (GPTConfig default), so train() is exact
     policy_opt = adamw(policy, cfg.lr, betas=(0.9, 0.95))
     value_opt = adamw(value, cfg.vf_lr, betas=(0.9, 0.95))
+    # The modules the PPO epochs train through (DDP with several processes, compiled with --compile); generation,
+    # scoring, evaluation, PPO-ptx's second forward and checkpoints use policy and value themselves.
+    train_policy, train_value = dist.wrap(policy, device, cfg.compile), dist.wrap(value, device, cfg.compile)
     beta = cfg.init_kl_coef
     history, iter_times, phase_times = [], [], []
     order, pos = list(range(len(prompts))), len(prompts)
+    first_it = 0
+    if resumed:  # go on from the checkpoint: weights, optimizers, beta, history, random states, prompt order
+        state = resumed["resume"]
+        policy.load_state_dict(resumed["model"])
+        value.load_state_dict(resumed["value"])
+        policy_opt.load_state_dict(state["policy_opt"])
+        value_opt.load_state_dict(state["value_opt"])
+        checkpoint.set_rng_state(state["rng"], rng, generator)
+        beta, history, first_it = resumed["beta"], resumed["history"], resumed["step"]
+        order, pos = state["order"], state["pos"]
     t_start = time.time()
-    print(f"PPO: {len(prompts)} prompts, {cfg.iters} iterations x {cfg.batch_size} rollouts, "
+    dist.print0(f"PPO: {len(prompts)} prompts, {cfg.iters} iterations x {cfg.batch_size} rollouts, "
           f"{cfg.ppo_epochs} epochs of minibatch {cfg.minibatch_size}, GPT {policy.num_params() / 1e6:.2f}M, {device}")
 
-    metrics = None if cfg.benchmark else MetricsLog(Path(cfg.out).with_suffix(""), fresh=True)  # out/ppo/metrics.jsonl
-    bar = tqdm(range(cfg.iters), desc="ppo", dynamic_ncols=True, mininterval=1.0)
+    # out/ppo.pt -> out/ppo/metrics.jsonl; a resumed run drops the records after its checkpoint and appends
+    metrics = (MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it)
+               if dist.is_main() and not cfg.benchmark else None)
+    bar = tqdm(range(first_it, cfg.iters), initial=first_it, total=cfg.iters, desc="ppo", dynamic_ncols=True,
+               mininterval=1.0, disable=not dist.is_main())
     for it in bar:
         t0 = time.time()
-        if pos + cfg.batch_size > len(order):
+        if pos + global_batch > len(order):
             rng.shuffle(order)
             pos = 0
-        batch_prompts = [prompts[i] for i in order[pos:pos + cfg.batch_size]]
-        pos += cfg.batch_size
+        batch_prompts = dist.shard([prompts[i] for i in order[pos:pos + global_batch]])  # this process's prompts
+        pos += global_batch
 
         # 1. Roll out: sample a response per prompt from the policy (KV cache), at `temperature`. generate()
         #    records log pi_old(y_t) of each sampled token at that temperature: the same numbers a fresh forward
         #    pass gives (tests/test_ppo.py checks it), so the PPO ratio starts at exactly 1 without recomputing.
         policy.eval()
-        r = generate(policy, batch_prompts, cfg.max_new_tokens, cfg.temperature, stop_at_eos=not cfg.benchmark,
-                     generator=generator)
+        with amp():
+            r = generate(policy, batch_prompts, cfg.max_new_tokens, cfg.temperature, stop_at_eos=not cfg.benchmark,
+                         generator=generator)
         policy.train()
         tokens, start, P, resp_len = r["tokens"], r["start"], r["prompt_len"], r["resp_len"]
         old_logp = r["logprobs"]  # (B, R)
@@ -193,7 +231,7 @@ def main(cfg: Config):
         ended = r["ended"] | torch.tensor(cfg.benchmark, device=device)
         t1 = time.time()
 
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             # 2. Score: the RM's reward at each response's last real token; no end token -> a fixed penalty.
             last = P + resp_len - 1  # (B,)
             score = torch.where(ended, rm.score(tokens, start, last), cfg.no_eos_penalty)  # (B,)
@@ -202,15 +240,15 @@ def main(cfg: Config):
             old_values = response_values(value, tokens, start, P, maskf)  # (B, R)
             # 4. Rewards: -beta * (log pi - log pi_ref) per token, plus the RM score on the last token.
             rewards, kl = ppo.kl_penalized_rewards(score, old_logp, ref_logp, maskf, beta)
-            mean_kl = kl.sum(1).mean().item()  # KL(pi || pi_SFT) per response, one-sample estimate
+            mean_kl = dist.mean(kl.sum(1))  # KL(pi || pi_SFT) per response, one-sample estimate, all processes
             # 5. beta: Ziegler et al.'s adaptive controller moves it so that the KL approaches target_kl.
             if cfg.adaptive_kl:
-                beta = ppo.update_kl_coef(beta, mean_kl, cfg.target_kl, cfg.kl_horizon, cfg.batch_size)
+                beta = ppo.update_kl_coef(beta, mean_kl, cfg.target_kl, cfg.kl_horizon, global_batch)
             # 6. Advantages: GAE over the response (gamma, lambda), returns = A + V, then whiten A.
             if cfg.whiten_rewards:
-                rewards = ppo.whiten(rewards, maskf, shift_mean=False)
+                rewards = ppo.whiten(rewards, maskf, shift_mean=False, reduce=reduce)
             adv, returns = ppo.gae(rewards, old_values, maskf, cfg.gamma, cfg.lam)
-            adv = ppo.whiten(adv, maskf)
+            adv = ppo.whiten(adv, maskf, reduce=reduce)
         t2 = time.time()
 
         # 7. PPO epochs: shuffled minibatches; clipped policy loss, clipped value loss, entropy bonus.
@@ -219,18 +257,22 @@ def main(cfg: Config):
             perm = torch.randperm(len(batch_prompts), device=device)
             for mb in perm.split(cfg.minibatch_size):
                 mb_mask = mask[mb]
-                logp, entropy = response_logprobs(policy, tokens[mb], start[mb], P, mb_mask, cfg.temperature,
-                                                  with_entropy=True)  # (b, R) each, with gradient
+                with amp():
+                    logp, entropy = response_logprobs(train_policy, tokens[mb], start[mb], P, mb_mask,
+                                                      cfg.temperature, with_entropy=True)  # (b, R) each, with grad
                 m = maskf[mb]
                 pg_loss, clip_frac, approx_kl = ppo.policy_loss(logp, old_logp[mb], adv[mb], m, cfg.cliprange)
                 ent = ppo.masked_mean(entropy, m)
                 loss = pg_loss - cfg.ent_coef * ent
                 if ptx is not None:
                     # 8. PPO-ptx: gamma_ptx * the LM loss on demonstrations (InstructGPT eq. 2).
-                    ptx_batch = [ptx[rng.randrange(len(ptx))] for _ in range(cfg.minibatch_size)]
-                    ptx_loss, _ = sft_loss(policy, *make_batch(ptx_batch, device))
+                    ptx_batch = dist.shard([ptx[rng.randrange(len(ptx))]
+                                            for _ in range(cfg.minibatch_size * dist.world_size())])
+                    with amp():  # through policy, not the DDP wrapper: one DDP forward per backward
+                        ptx_loss, _ = sft_loss(policy, *make_batch(ptx_batch, device))
                     loss = loss + cfg.ptx_coef * ptx_loss
-                values = response_values(value, tokens[mb], start[mb], P, m)  # (b, R)
+                with amp():
+                    values = response_values(train_value, tokens[mb], start[mb], P, m)  # (b, R)
                 vf_loss, vf_clip = ppo.value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
                 if not (torch.isfinite(loss) and torch.isfinite(vf_loss)):
                     raise UserError(f"PPO loss is not finite at iteration {it} (policy {loss.item()}, value "
@@ -248,17 +290,20 @@ def main(cfg: Config):
         t3 = time.time()
 
         # Log this iteration.
-        s = [statistics.fmean(col) for col in zip(*stats)]
-        n_tokens = int(resp_len.sum()) + len(batch_prompts) * P
+        # Figures over every process's rollouts (dist.mean...: plain means with one process).
+        s = dist.mean_floats([statistics.fmean(col) for col in zip(*stats)])
+        n_tokens = dist.sum_floats([int(resp_len.sum()) + len(batch_prompts) * P])[0]
         record = dict(
-            iter=it + 1, score=score.mean().item(), rm_score=score[ended].mean().item() if ended.any() else None,
+            iter=it + 1, score=dist.mean(score), rm_score=dist.mean(score[ended]),
             kl=mean_kl, beta=beta, entropy=s[4], clip_frac=s[2], approx_kl=s[3], pg_loss=s[0], vf_loss=s[1],
-            vf_clip_frac=s[5], explained_var=ppo.explained_variance(old_values, returns, maskf).item(),
-            resp_len=resp_len.float().mean().item(), no_eos=1.0 - ended.float().mean().item(),
+            vf_clip_frac=s[5], explained_var=ppo.explained_variance(old_values, returns, maskf, reduce).item(),
+            resp_len=dist.mean(resp_len.float()), no_eos=1.0 - dist.mean(ended.float()),
             time_s=t3 - t0, tokens_per_s=n_tokens / (t3 - t0),
             t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2)
-        if eval_prompts and ((it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iters):
-            record["gold"], record["gold_se"] = gold_eval(policy, eval_prompts, cfg.max_new_tokens, cfg.temperature)
+        if dist.is_main() and eval_prompts and ((it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iters):
+            with amp():  # rank 0 alone: the others wait for it at the next iteration's first all-reduce
+                record["gold"], record["gold_se"] = gold_eval(policy, eval_prompts, cfg.max_new_tokens,
+                                                              cfg.temperature)
             tqdm.write(f"iter {it + 1}: held-out gold {record['gold']:.3f} ± {record['gold_se']:.3f}, "
                        f"RM score {record['score']:+.3f}, KL {mean_kl:.2f}, beta {beta:.3f}")
         history.append(record)
@@ -268,6 +313,11 @@ def main(cfg: Config):
         phase_times.append((t1 - t0, t2 - t1, t3 - t2))
         bar.set_postfix(score=f"{record['score']:+.2f}", kl=f"{mean_kl:.2f}", beta=f"{beta:.3f}",
                         clip=f"{s[2]:.2f}", len=f"{record['resp_len']:.1f}", s_it=f"{t3 - t0:.1f}")
+        if metrics and cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.iters:
+            checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg),
+                            history=history, beta=beta, step=it + 1,
+                            resume=dict(policy_opt=policy_opt.state_dict(), value_opt=value_opt.state_dict(),
+                                        rng=checkpoint.rng_state(rng, generator), order=order, pos=pos))
     bar.close()
 
     if cfg.benchmark:
@@ -275,13 +325,17 @@ def main(cfg: Config):
         rest = phase_times[1:] or phase_times
         med = statistics.median(iter_times[1:] or iter_times)
         parts = [statistics.median(p[i] for p in rest) for i in range(3)]
-        print(f"benchmark: median {med:.2f} s per iteration over iterations 2..{len(iter_times)} "
+        dist.print0(f"benchmark: median {med:.2f} s per iteration over iterations 2..{len(iter_times)} "
               f"(generation {parts[0]:.2f} s, scoring {parts[1]:.2f} s, update {parts[2]:.2f} s); "
               f"peak RSS {rss_mb:.0f} MB; torch {torch.__version__}, {torch.get_num_threads()} threads")
+        dist.cleanup()
         return
-    checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg), history=history,
-                    beta=beta)
-    print(f"PPO done in {time.time() - t_start:.0f} s; wrote {cfg.out}")
+    if dist.is_main():
+        checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg),
+                        history=history, beta=beta, step=cfg.iters)
+        print(f"PPO done in {time.time() - t_start:.0f} s; wrote {cfg.out}")
+    dist.cleanup()
+    return dict(policy=policy, value=value, beta=beta)  # the trained models (tests compare them across processes)
 
 
 if __name__ == "__main__":

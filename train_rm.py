@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanorlhf import checkpoint, tasks
+from nanorlhf import checkpoint, dist, tasks
 from nanorlhf.config import UserError, run
 from nanorlhf.data import load_prompts, load_rankings, write_jsonl
 from nanorlhf.datasets import load_preferences
@@ -63,7 +63,7 @@ class Config:
     eval_fraction: float = 0.1
     """with --data and no --eval_data: fraction held out"""
     batch_size: int = 16
-    """prompts (each with all of its K responses) per step"""
+    """prompts (each with all of its K responses) per step and process (torchrun: world_size x batch_size in all)"""
     epochs: int = 4
     """passes over the rankings (InstructGPT: one, as more overfit its large RMs; this small RM still underfits
     after one: held-out accuracy vs gold 0.67 after 1 epoch, 0.73 after 4 in our runs)"""
@@ -77,10 +77,18 @@ class Config:
     """clip the gradient's global norm (0: off)"""
     n_normalize: int = 256
     """prompts whose SFT samples set the score's zero"""
+    dtype: str = "auto"
+    """autocast dtype of forward passes: auto (bfloat16 on a GPU that has it, else float32), bfloat16 or float32"""
+    compile: bool = False
+    """torch.compile the reward model being trained"""
     seed: int = 0
     """random seed"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    ckpt_interval: int = 100
+    """steps between resumable checkpoints at --out (0: only the final one)"""
+    resume: bool = False
+    """continue the run from its checkpoint at --out (built-in data: the rankings it wrote are read back)"""
 
 
 def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, generator):
@@ -113,8 +121,7 @@ def group_scores(rm, batch, block_size, device):
     """RM scores for a batch of (prompt, responses) groups with the same K: (G * K,), group-major."""
     seqs = [encode_pair(prompt, resp, block_size) for prompt, responses in batch for resp in responses]
     idx, start = left_pad(seqs, device=device)  # (G*K, T): left-padded, so every sequence ends at column T-1
-    last = torch.full_like(start, idx.shape[1] - 1)
-    return rm.score(idx, start, last)  # (G*K,)
+    return rm(idx, start)[:, -1]  # (G*K,): the score at the last token (rm(...), not rm.score: rm may be in DDP)
 
 
 @torch.no_grad()
@@ -143,8 +150,15 @@ def main(cfg: Config):
     rng = random.Random(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    device = dist.setup()  # under torchrun: join the process group, this process's GPU (nanorlhf/dist.py)
+    amp = dist.autocast(device, cfg.dtype)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + dist.rank())  # samples differ per process
+    # Built-in data with several processes: each labels its share of the prompts with its own random stream, so
+    # that rng, which draws the data order, stays the same in all of them.
+    label_rng = rng if dist.world_size() == 1 else random.Random(f"label {cfg.seed} {dist.rank()}")
+    resumed = checkpoint.load_resumable(cfg, "train_rm.py", kind="rm") if cfg.resume else None
+    if cfg.resume and resumed is None:
+        return  # that run had finished
 
     sft = checkpoint.load(cfg.sft, made_by="train_sft.py", kind="sft")
     model_cfg = checkpoint.model_config(sft)
@@ -166,51 +180,86 @@ def main(cfg: Config):
     else:
         out_dir = Path(cfg.out).parent
         for name, prompts_path, n in (("train", cfg.prompts, cfg.n_prompts), ("eval", cfg.eval_prompts, cfg.n_eval)):
+            if resumed:
+                continue  # the run being resumed sampled and wrote them: read back below, never drawn again
             prompts = load_prompts(prompts_path)[:n]
-            print(f"sampling {cfg.k} responses for {len(prompts)} {name} prompts and ranking them "
+            dist.print0(f"sampling {cfg.k} responses for {len(prompts)} {name} prompts and ranking them "
                   f"(scripted labeler, noise {cfg.label_noise})")
-            records = label_builtin(policy, prompts, cfg.k, cfg.label_noise, cfg.temperature, cfg.max_new_tokens,
-                                    rng, generator)
-            write_jsonl(out_dir / f"rankings_{name}.jsonl", records)
+            with amp():
+                records = label_builtin(policy, dist.shard(prompts), cfg.k, cfg.label_noise, cfg.temperature,
+                                        cfg.max_new_tokens, label_rng, generator)
+            records = [r for part in dist.all_gather_objects(records) for r in part]  # every process's, in order
+            if dist.is_main():
+                write_jsonl(out_dir / f"rankings_{name}.jsonl", records)
+        dist.barrier()  # the files are written before anyone reads them
         train = load_rankings(out_dir / "rankings_train.jsonl")  # read back: the same path user data takes
         held_out = load_rankings(out_dir / "rankings_eval.jsonl")
     n_pairs = sum(len(rs) * (len(rs) - 1) // 2 for _, rs in train)
-    print(f"RM: {len(train)} rankings ({n_pairs} pairs) to train on, {len(held_out)} held out "
+    dist.print0(f"RM: {len(train)} rankings ({n_pairs} pairs) to train on, {len(held_out)} held out "
           f"[{time.time() - t0:.0f} s]")
 
     # 2. Train on all C(K, 2) pairs of each prompt at once, for `epochs` passes.
     optimizer = adamw(rm, cfg.lr, cfg.weight_decay)
-    plan = [b for _ in range(cfg.epochs) for b in batches(train, cfg.batch_size, rng)]
-    metrics = MetricsLog(Path(cfg.out).with_suffix(""), fresh=True)  # out/rm.pt -> out/rm/metrics.jsonl
-    bar = tqdm(plan, desc="rm", dynamic_ncols=True, mininterval=1.0)
-    for it, batch in enumerate(bar):
+    if resumed:  # the plan is drawn from rng as it stood here in the first run: draw the same one again
+        rng.setstate(resumed["resume"]["plan_rng"])
+    plan_rng = rng.getstate()
+    plan = [b for _ in range(cfg.epochs) for b in batches(train, cfg.batch_size * dist.world_size(), rng)]
+    train_rm = dist.wrap(rm, device, cfg.compile)  # DDP with several processes; `rm` for the rest
+    first_it = 0
+    if resumed:  # go on from the checkpoint: weights, optimizer, random states
+        rm.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["resume"]["optimizer"])
+        checkpoint.set_rng_state(resumed["resume"]["rng"], rng, generator)
+        first_it = resumed["step"]
+    # out/rm.pt -> out/rm/metrics.jsonl; a resumed run drops the records after its checkpoint and appends
+    metrics = MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it) if dist.is_main() else None
+    bar = tqdm(range(first_it, len(plan)), initial=first_it, total=len(plan), desc="rm", dynamic_ncols=True,
+               mininterval=1.0, disable=not dist.is_main())
+    for it in bar:
+        batch = plan[it]
+        if len(batch) < dist.world_size():
+            continue  # a last, short batch (of one K) too small to give every process a ranking: skipped
+        batch = dist.shard(batch)  # this process's part of the global batch
         set_lr(optimizer, lr_at(it, cfg.lr, cfg.warmup_iters, len(plan), 0.1 * cfg.lr))
         k = len(batch[0][1])
-        scores = group_scores(rm, batch, model_cfg.block_size, device)  # (G*K,)
-        loss = ranking_loss(scores, k)
+        with amp():
+            scores = group_scores(train_rm, batch, model_cfg.block_size, device)  # (G*K,)
+        scaled, loss = dist.global_mean_loss(ranking_loss(scores, k), len(batch))  # loss: over every process's
         if not torch.isfinite(loss):
             raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (nothing was saved)")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
         optimizer.step()
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        metrics.log(it + 1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+        if metrics:
+            metrics.log(it + 1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+        if metrics and cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < len(plan):
+            checkpoint.save(cfg.out, rm, kind="rm", train_config=vars(cfg), step=it + 1,
+                            resume=dict(optimizer=optimizer.state_dict(), rng=checkpoint.rng_state(rng, generator),
+                                        plan_rng=plan_rng))
     bar.close()
 
     # 3. Normalise: a bias so that SFT samples score 0 on average (InstructGPT §3.5).
+    if not dist.is_main():  # rank 0 normalises, evaluates and saves; the others apply its shift and are done
+        with torch.no_grad():
+            rm.head.bias -= dist.broadcast_object(None)
+        dist.cleanup()
+        return dict(rm=rm)
     prompts = [p for p, _ in train][:cfg.n_normalize]
-    samples = sample_responses(policy, prompts, cfg.max_new_tokens, cfg.temperature, 128, generator)
-    rm.eval()
-    sft_scores = score_texts(rm, prompts, [as_response(t, e) for t, e in samples])
+    with amp():
+        samples = sample_responses(policy, prompts, cfg.max_new_tokens, cfg.temperature, 128, generator)
+        rm.eval()
+        sft_scores = score_texts(rm, prompts, [as_response(t, e) for t, e in samples])
     with torch.no_grad():
-        rm.head.bias -= sft_scores.mean()
+        rm.head.bias -= dist.broadcast_object(sft_scores.mean().item())
     print(f"normalised: SFT samples' score mean {sft_scores.mean().item():+.3f} -> 0, std {sft_scores.std().item():.3f}")
 
     # 4. Held-out accuracy, beside the ceiling the labels' own noise allows.
-    result = evaluate(rm, held_out)
-    train_acc, _ = evaluate(rm, train[:len(held_out)])["acc_labels"]  # far above held-out: the RM overfits
+    with amp():
+        result = evaluate(rm, held_out)
+        train_acc, _ = evaluate(rm, train[:len(held_out)])["acc_labels"]  # far above held-out: the RM overfits
     acc, n = result["acc_labels"]
     msg = f"pairwise accuracy vs the labels: train {train_acc:.3f}, held-out {acc:.3f} ({n} pairs)"
     if "acc_gold" in result:
@@ -220,8 +269,10 @@ def main(cfg: Config):
     metrics.log(len(plan), **{k: v[0] for k, v in result.items()}, acc_train_labels=train_acc,
                 sft_score_std=sft_scores.std().item())
     checkpoint.save(cfg.out, rm, kind="rm", train_config=vars(cfg), eval=result,
-                    sft_score_std=sft_scores.std().item())
+                    sft_score_std=sft_scores.std().item(), step=len(plan))
     print(f"RM done in {time.time() - t0:.0f} s; wrote {cfg.out}")
+    dist.cleanup()
+    return dict(rm=rm)  # the trained reward model (tests compare it across processes)
 
 
 if __name__ == "__main__":

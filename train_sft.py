@@ -10,6 +10,7 @@ Writes out/sft.pt
 
     python train_sft.py                      # the built-in task, a fresh 4-layer GPT, about 3 minutes on 2 cores
     python train_sft.py --max_iters 50 --lr 3e-4 --data my_demos.jsonl
+    torchrun --standalone --nproc_per_node=4 train_sft.py     # 4 GPUs (DDP): 4 x batch_size examples per step
 """
 
 import random
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanorlhf import checkpoint, ops, tasks
+from nanorlhf import checkpoint, dist, ops, tasks
 from nanorlhf.config import UserError, run
 from nanorlhf.data import load_prompts
 from nanorlhf.datasets import load_demonstrations
@@ -55,7 +56,7 @@ class Config:
     dropout: float = 0.0
     """dropout while training SFT"""
     batch_size: int = 64
-    """examples per step"""
+    """examples per step and process (torchrun: the global batch is world_size x batch_size)"""
     max_iters: int = 400
     """optimizer steps"""
     lr: float = 2e-3
@@ -78,10 +79,18 @@ class Config:
     """sampling temperature for the gold score (the one PPO samples at)"""
     max_new_tokens: int = 16
     """longest sampled response"""
+    dtype: str = "auto"
+    """autocast dtype of forward passes: auto (bfloat16 on a GPU that has it, else float32), bfloat16 or float32"""
+    compile: bool = False
+    """torch.compile the model being trained"""
     seed: int = 0
     """random seed"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    ckpt_interval: int = 100
+    """steps between resumable checkpoints at --out (0: only the final one)"""
+    resume: bool = False
+    """continue the run from its checkpoint at --out"""
 
 
 def encode_example(prompt, response, block_size):
@@ -110,7 +119,7 @@ def sft_loss(model, idx, start, mask):
     hidden = model(idx, start)  # (B, T, C)
     h = hidden[:, :-1][mask]  # (N, C): states that predict a response token
     y = idx[:, 1:][mask]  # (N,): the tokens they predict
-    logp = ops.token_logprobs(h, model.lm_head.weight, y)  # (N,)
+    logp = ops.token_logprobs(h, dist.unwrap(model).lm_head.weight, y)  # (N,); model may be a DDP wrapper
     return -logp.mean(), y.numel()
 
 
@@ -130,10 +139,17 @@ def main(cfg: Config):
     rng = random.Random(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = dist.setup()  # under torchrun: join the process group, this process's GPU (nanorlhf/dist.py)
+    amp = dist.autocast(device, cfg.dtype)
+    resumed = checkpoint.load_resumable(cfg, "train_sft.py", kind="sft") if cfg.resume else None
+    if cfg.resume and resumed is None:
+        return  # that run had finished
 
     # Model: fresh, or from a checkpoint.
-    if cfg.init_from and not cfg.init_from.endswith(".pt"):
+    if resumed:  # as it was at the checkpoint; the optimizer, data order and random states are put back below
+        model = GPT(replace(checkpoint.model_config(resumed), dropout=cfg.dropout))
+        model.load_state_dict(resumed["model"])
+    elif cfg.init_from and not cfg.init_from.endswith(".pt"):
         model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
     elif cfg.init_from:
         ckpt = checkpoint.load(cfg.init_from, made_by="train_sft.py")
@@ -148,9 +164,10 @@ def main(cfg: Config):
     block_size = model.config.block_size
 
     # Data: the default path is written from the built-in task the first time.
-    if not Path(cfg.data).exists() and cfg.data == Config.data:
+    if dist.is_main() and not Path(cfg.data).exists() and cfg.data == Config.data:
         print(f"{cfg.data} not found: writing the built-in task's data (python -m nanorlhf.tasks)")
         tasks.write_default_data(tasks.TaskConfig(out=str(Path(cfg.data).parent)))
+    dist.barrier()  # the other processes read what rank 0 wrote
     pairs = load_demonstrations(cfg.data)  # ours {prompt, response}, or HH / TL;DR style (README)
 
     examples = []
@@ -164,39 +181,54 @@ def main(cfg: Config):
     n_val = max(1, int(cfg.val_fraction * len(examples))) if len(examples) > 1 else 0
     val, train = examples[:n_val], examples[n_val:]
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
-    print(f"SFT: {len(train)} train / {len(val)} val demonstrations, GPT {model.num_params() / 1e6:.2f}M params "
+    dist.print0(f"SFT: {len(train)} train / {len(val)} val demonstrations, GPT {model.num_params() / 1e6:.2f}M params "
           f"({model.config.n_layer} layers, {model.config.n_embd} wide), device {device}")
 
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
+    train_model = dist.wrap(model, device, cfg.compile)  # DDP with several processes; `model` for the rest
+    global_batch = cfg.batch_size * dist.world_size()
     order, pos = list(range(len(train))), len(train)
     t0, tokens_seen = time.time(), 0
-    metrics = MetricsLog(Path(cfg.out).with_suffix(""), fresh=True)  # out/sft.pt -> out/sft/metrics.jsonl
-    history = [dict(iter=0, val_loss=val_loss(model, val, 256, device))] if val else []
-    bar = tqdm(range(cfg.max_iters), desc="sft", dynamic_ncols=True, mininterval=1.0)
+    with amp():
+        history = [dict(iter=0, val_loss=val_loss(model, val, 256, device))] if val and dist.is_main() else []
+    first_it = 0
+    if resumed:  # go on from the checkpoint: optimizer, random states, data order and position, history
+        state = resumed["resume"]
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"], rng)
+        order, pos, tokens_seen, t0 = state["order"], state["pos"], state["tokens_seen"], t0 - state["elapsed"]
+        history, first_it = resumed["history"], resumed["step"]
+    # out/sft.pt -> out/sft/metrics.jsonl; a resumed run drops the records after its checkpoint and appends
+    metrics = MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it) if dist.is_main() else None
+    bar = tqdm(range(first_it, cfg.max_iters), initial=first_it, total=cfg.max_iters, desc="sft", dynamic_ncols=True,
+               mininterval=1.0, disable=not dist.is_main())
     for it in bar:
-        if pos + cfg.batch_size > len(order):  # a new epoch: reshuffle
+        if pos + global_batch > len(order):  # a new epoch: reshuffle
             rng.shuffle(order)
             pos = 0
-        batch = [train[i] for i in order[pos:pos + cfg.batch_size]]
-        pos += cfg.batch_size
+        batch = dist.shard([train[i] for i in order[pos:pos + global_batch]])  # this process's part of the batch
+        pos += global_batch
         set_lr(optimizer, lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters, cfg.min_lr))
         idx, start, mask = make_batch(batch, device)
-        loss, _ = sft_loss(model, idx, start, mask)
+        with amp():
+            loss, n = sft_loss(train_model, idx, start, mask)
+        scaled, loss = dist.global_mean_loss(loss, n)  # loss: the mean over every process's response tokens
         if not torch.isfinite(loss):
             raise UserError(f"the loss became {loss.item()} at step {it}: lower --lr (nothing was saved)")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaled.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         tokens_seen += int((start.numel() * idx.shape[1]) - start.sum())
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
 
-        if (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters:
+        if dist.is_main() and ((it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters):  # rank 0 alone
             record = dict(iter=it + 1, train_loss=loss.item(), time_s=time.time() - t0)
-            if val:
-                record["val_loss"] = val_loss(model, val, 256, device)
-            gold = gold_eval(model, eval_prompts, cfg.max_new_tokens, cfg.temperature) if eval_prompts else None
+            with amp():
+                if val:
+                    record["val_loss"] = val_loss(model, val, 256, device)
+                gold = gold_eval(model, eval_prompts, cfg.max_new_tokens, cfg.temperature) if eval_prompts else None
             if gold is not None:
                 record["gold"], record["gold_se"] = gold
             history.append(record)
@@ -207,10 +239,17 @@ def main(cfg: Config):
             if gold is not None:
                 msg += f", held-out gold score {gold[0]:.3f} ± {gold[1]:.3f} ({len(eval_prompts)} prompts, T={cfg.temperature})"
             tqdm.write(msg)
+        if dist.is_main() and cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.max_iters:
+            checkpoint.save(cfg.out, model, kind="sft", train_config=vars(cfg), history=history, step=it + 1,
+                            resume=dict(optimizer=optimizer.state_dict(), rng=checkpoint.rng_state(rng), order=order,
+                                        pos=pos, tokens_seen=tokens_seen, elapsed=time.time() - t0))
     bar.close()
     elapsed = time.time() - t0
-    checkpoint.save(cfg.out, model, kind="sft", train_config=vars(cfg), history=history)
-    print(f"SFT done in {elapsed:.0f} s; wrote {cfg.out}")
+    if dist.is_main():
+        checkpoint.save(cfg.out, model, kind="sft", train_config=vars(cfg), history=history, step=cfg.max_iters)
+        print(f"SFT done in {elapsed:.0f} s; wrote {cfg.out}")
+    dist.cleanup()
+    return dict(model=model)  # the trained model (tests compare it across processes)
 
 
 if __name__ == "__main__":

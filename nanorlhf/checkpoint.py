@@ -1,4 +1,10 @@
-"""Checkpoints: one torch.save'd dict per file, written atomically."""
+"""Checkpoints: one torch.save'd dict per file, written atomically.
+
+Every script writes {kind, model_config, model, train_config, step, ...} to its --out at the end, and every
+ckpt_interval steps before that the same dict plus "resume": what --resume needs to go on exactly where the run was
+(optimizer state, random states, data order). Only a mid-run checkpoint has "resume"; it loads wherever a finished
+one does (the next stage, evaluation, sampling).
+"""
 
 import os
 from dataclasses import asdict
@@ -39,3 +45,41 @@ def load(path, made_by: str, kind: str | None = None) -> dict:
 
 def model_config(ckpt) -> GPTConfig:
     return GPTConfig(**ckpt["model_config"])
+
+
+def load_resumable(cfg, made_by: str, kind: str) -> dict | None:
+    """For --resume: the mid-run checkpoint at cfg.out, or None (after saying so) when that run already finished."""
+    path = Path(cfg.out)
+    if not path.exists():
+        raise UserError(f"--resume: no checkpoint at {path} to continue from (leave out --resume to start a new run)")
+    ckpt = load(path, made_by=made_by, kind=kind)
+    if "resume" not in ckpt:
+        print(f"{path} holds a finished run (step {ckpt.get('step', '?')}): nothing to resume")
+        return None
+    saved = ckpt.get("train_config", {})
+    changed = [f"--{k} {v} (was {saved[k]})" for k, v in vars(cfg).items() if k != "resume" and saved.get(k, v) != v]
+    if changed:
+        print("note: resuming with settings that differ from the checkpoint's run: " + ", ".join(changed))
+    print(f"resuming {path} from step {ckpt['step']}")
+    return ckpt
+
+
+def rng_state(rng, generator=None) -> dict:
+    """Every random state a run draws from, for a resumable checkpoint: torch's global CPU generator (and the CUDA
+    ones, when there is a GPU), the run's random.Random and its torch.Generator (if any)."""
+    state = dict(torch=torch.get_rng_state(), random=rng.getstate())
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if generator is not None:
+        state["generator"] = generator.get_state()
+    return state
+
+
+def set_rng_state(state: dict, rng, generator=None) -> None:
+    """Put back what rng_state() saved, so the resumed run draws the same numbers the first one would have."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    rng.setstate(state["random"])
+    if generator is not None:
+        generator.set_state(state["generator"])

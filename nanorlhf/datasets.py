@@ -3,6 +3,7 @@
 Whatever the file looks like, the training scripts get what nanorlhf.data gives them:
     demonstrations  [(prompt, response)]                    response ends with "<|endoftext|>"
     preferences     [(prompt, [response, ...])]             best first, K >= 2, each ending with "<|endoftext|>"
+    prompts         [prompt]                                each once, from a file in any of the formats below
 
 Formats understood (JSONL, one record a line; the format is told from the first record):
 
@@ -117,18 +118,24 @@ def load_tldr(path) -> list[tuple[str, list[str]]]:
     return out
 
 
+def tldr_record_prompt(r: dict, where: str) -> str:
+    """The prompt of a TL;DR record, its post under "info" or at the top level (the flat filtered set)."""
+    info, prefix = (r["info"], "info.") if "info" in r else (r, "")
+    if not isinstance(info, dict):
+        raise UserError(f"{where}: field 'info' must be an object, got {type(info).__name__}")
+    return tldr_prompt(info, where, prefix)
+
+
 def load_tldr_demonstrations(path) -> list[tuple[str, str]]:
     """[(prompt, summary)] from {"info": {...}, "summary"} or the flat {"post", ..., "summary"} records."""
     out = []
     for r in read_jsonl(path, {"summary": object}):
         where = f"{path}:{r['_line']}"
-        info, prefix = (r["info"], "info.") if "info" in r else (r, "")
-        if not isinstance(info, dict):
-            raise UserError(f"{where}: field 'info' must be an object, got {type(info).__name__}")
+        prompt = tldr_record_prompt(r, where)
         summary = r["summary"].get("text") if isinstance(r["summary"], dict) else r["summary"]
         if not isinstance(summary, str):
             raise UserError(f"{where}: field 'summary' must be a string (or an object with a string 'text')")
-        out.append((tldr_prompt(info, where, prefix), tldr_summary(summary)))
+        out.append((prompt, tldr_summary(summary)))
     return out
 
 
@@ -165,3 +172,22 @@ def load_demonstrations(path) -> list[tuple[str, str]]:
         return load_tldr_demonstrations(path)
     raise unknown_format(path, first, 'demonstrations {"prompt", "response"}, HH-RLHF {"chosen", ...} '
                                       'or TL;DR {"info", "summary"} / {"post", "summary"}')
+
+
+def load_prompt_texts(path) -> list[str]:
+    """The distinct prompts of a file in any format above, in file order: {"prompt"} records and our
+    demonstrations, rankings and pairs; HH-RLHF dialogues (up to the last Assistant turn); TL;DR comparisons or
+    demonstrations (the post). Each prompt once: TL;DR has several comparisons per post."""
+    path = Path(path)
+    first = read_jsonl_first(path)
+    if "prompt" in first:
+        prompts = [r["prompt"] for r in read_jsonl(path, {"prompt": str})]
+    elif "chosen" in first:
+        prompts = [split_transcript(r["chosen"], f"{path}:{r['_line']}: field 'chosen'")[0]
+                   for r in read_jsonl(path, {"chosen": str})]
+    elif "info" in first or "post" in first:
+        prompts = [tldr_record_prompt(r, f"{path}:{r['_line']}") for r in read_jsonl(path, {})]
+    else:
+        raise unknown_format(path, first, 'prompts {"prompt", ...}, HH-RLHF {"chosen", "rejected"} or TL;DR '
+                                          '{"info", ...} / {"post", ...}')
+    return list(dict.fromkeys(prompts))

@@ -1,6 +1,7 @@
 """A run's metrics as JSONL: one record per log() call, in RUN_DIR/metrics.jsonl.
 
     log = MetricsLog("out/ppo")                 # appends: a resumed run continues the same file
+    log = MetricsLog("out/ppo", upto=120)       # resuming from step 120: drops the later records, then appends
     log.log(step, reward=1.3, kl=0.02)          # -> {"step": 100, "reward": 1.3, "kl": 0.02}
     records = read_metrics("out/ppo")           # [{"step": ..., ...}, ...]; `python -m nanorlhf.plot out/ppo`
 
@@ -11,6 +12,7 @@ figures again, or interleave half lines.
 
 import json
 import math
+import os
 from pathlib import Path
 
 from nanorlhf.config import UserError
@@ -32,9 +34,11 @@ def as_number(name, value):
 class MetricsLog:
     """Append-only JSONL metrics for one run. Call log() on rank 0 only (see the module docstring)."""
 
-    def __init__(self, run_dir, fresh=False):
+    def __init__(self, run_dir, fresh=False, upto=None):
         self.path = Path(run_dir) / FILENAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if upto is not None and not fresh and self.path.exists():
+            keep_upto(self.path, upto)  # a resumed run: the steps after its checkpoint are logged again
         self.file = open(self.path, "w" if fresh else "a")  # fresh: a new run replaces an old run's file
 
     def log(self, step: int, **figures) -> dict:
@@ -52,6 +56,22 @@ class MetricsLog:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def keep_upto(path, step: int) -> None:
+    """Rewrite a metrics file (atomically) with only its records up to `step`, and without a cut-off last line."""
+    path = Path(path)
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(r, dict) and isinstance(r.get("step"), int) and r["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanorlhf import ops
+from nanorlhf.dist import unwrap
 from nanorlhf.tokenizer import EOT, PAD
 
 
@@ -148,12 +149,19 @@ class GPT(nn.Module):
         return self.lm_head(hidden)  # (..., V)
 
     def new_kv_cache(self, batch_size, max_len, device=None, dtype=None):
-        """One (keys, values) pair of (B, H, max_len, D) buffers per layer, written in place while decoding."""
+        """One (keys, values) pair of (B, H, max_len, D) buffers per layer, written in place while decoding.
+
+        dtype: that of the keys and values to be written, by default the weights' or, under autocast, autocast's
+        (the new queries come out of c_attn in it, and the attention seam takes q, k, v of one dtype)."""
         cfg = self.config
         p = self.lm_head.weight
+        device = torch.device(device or p.device)
+        if dtype is None:
+            on = torch.is_autocast_enabled(device.type)
+            dtype = torch.get_autocast_dtype(device.type) if on else p.dtype
         shape = (batch_size, cfg.n_head, max_len, cfg.n_embd // cfg.n_head)
-        return [(torch.empty(shape, device=device or p.device, dtype=dtype or p.dtype),
-                 torch.empty(shape, device=device or p.device, dtype=dtype or p.dtype)) for _ in range(cfg.n_layer)]
+        return [(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+                for _ in range(cfg.n_layer)]
 
 
 class ScalarModel(nn.Module):
@@ -172,8 +180,10 @@ class ScalarModel(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def forward(self, idx, start=None):
-        """idx (B, T) -> one scalar per position (B, T)."""
-        return self.head(self.gpt(idx, start)).squeeze(-1)  # (B, T)
+        """idx (B, T) -> one scalar per position (B, T), fp32 (under autocast too: rewards and values need it)."""
+        hidden = self.gpt(idx, start)  # (B, T, C)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1)  # (B, T)
 
     def score(self, idx, start, last):
         """Scalar at column last[b] of each row (B,): the sequence's last real token."""
@@ -232,6 +242,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
       logprobs (B, R) log-prob of each sampled token under softmax(logits / temperature), 0 after the end
       ended    (B,) bool: the row produced eos_id
     """
+    model = unwrap(model)  # generation runs the plain module (a DDP or torch.compile wrapper has no KV cache)
     keep = model.config.block_size - max_new_tokens
     if keep <= 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size "
@@ -275,7 +286,7 @@ def response_logprobs(model, tokens, start, P, mask, temperature, with_entropy=F
     R = tokens.shape[1] - P
     h = hidden[:, P - 1:P - 1 + R][mask]  # (N, C): the state before each real response token
     y = tokens[:, P:][mask]  # (N,)
-    res = ops.token_logprobs(h, model.lm_head.weight, y, temperature, with_entropy=with_entropy)
+    res = ops.token_logprobs(h, unwrap(model).lm_head.weight, y, temperature, with_entropy=with_entropy)
     logp, entropy = res if with_entropy else (res, None)
     out = torch.zeros(mask.shape, device=tokens.device, dtype=logp.dtype).masked_scatter(mask, logp)  # (B, R)
     if not with_entropy:

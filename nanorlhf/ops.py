@@ -90,7 +90,19 @@ def token_logprob_stats(hidden, weight, targets, temperature=1.0, *, mask=None, 
       ref_hidden (..., d_r), ref_weight   the reference's final hidden states and LM head: kl is the full
                                           KL(pi || pi_ref) over the vocabulary (both at the same temperature)
     Differentiable in hidden and weight; the reference gets no gradient. If hidden and weight differ in dtype (e.g.
-    hidden from autocast), weight is cast to hidden's dtype, as autocast's matmul would."""
+    hidden from autocast), weight is cast to hidden's dtype, as autocast's matmul would. Under autocast, hidden and
+    weight are cast to autocast's dtype and the kernels run with autocast off: the logits are low-precision
+    products, the log-softmax math stays fp32 in both paths (autocast would also turn the PyTorch path's own
+    matmuls and sums into bf16), and forward and backward see the same logits."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        low = torch.get_autocast_dtype(dev)
+        cast = lambda x: None if x is None else x.to(low)  # noqa: E731
+        with torch.autocast(dev, enabled=False):
+            return token_logprob_stats(cast(hidden), cast(weight), targets, temperature, mask=mask,
+                                       with_entropy=with_entropy, ref_logprobs=ref_logprobs,
+                                       ref_hidden=cast(ref_hidden), ref_weight=cast(ref_weight),
+                                       kl_estimator=kl_estimator)
     lead = targets.shape
     d = hidden.shape[-1]
     if hidden.shape[:-1] != lead:
@@ -113,7 +125,12 @@ def logits_logprobs(logits, targets, temperature=1.0, *, mask=None, with_entropy
                     ref_logits=None, kl_estimator="k3"):
     """The same from logits already in memory: logits (..., V), targets (...) -> LogprobOutputs(logp, entropy, kl)
     shaped like targets; ref_logits (..., V) gives the full KL. Differentiable in logits. One pass over the logits
-    forward and one backward (Triton on CUDA), instead of log_softmax's fp32 N x V tensors."""
+    forward and one backward (Triton on CUDA), instead of log_softmax's fp32 N x V tensors. Autocast is turned off
+    inside (fp32 math on logits of any dtype)."""
+    if torch.is_autocast_enabled(logits.device.type):
+        with torch.autocast(logits.device.type, enabled=False):
+            return logits_logprobs(logits, targets, temperature, mask=mask, with_entropy=with_entropy,
+                                   ref_logprobs=ref_logprobs, ref_logits=ref_logits, kl_estimator=kl_estimator)
     lead, V = targets.shape, logits.shape[-1]
     flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
     rows = lambda x: None if x is None else x.reshape(-1, V)  # noqa: E731

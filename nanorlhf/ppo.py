@@ -2,25 +2,34 @@
 
 Shapes: B responses of up to R tokens. `mask` (B, R) is 1 on a response's real tokens (its end token included)
 and 0 on the padding after it. Token t of a response is an action; the state is the prompt plus tokens < t.
+
+With several processes (DDP, nanorlhf/dist.py) each holds its own rollouts; the statistics that must be those of
+the whole batch take `reduce`, a function that sums a tensor over the processes (dist.all_reduce_sum).
 """
 
 import torch
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x, mask, reduce=None):
+    """Mean of x over the real tokens (of every process's x with reduce)."""
+    total, n = (x * mask).sum(), mask.sum()
+    if reduce is not None:
+        total, n = reduce(torch.stack([total, n.to(total.dtype)]))
+    return total / n.clamp(min=1)
 
 
-def masked_var(x, mask):
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = masked_mean((x - mean) ** 2, mask)
+def masked_var(x, mask, reduce=None):
+    """Unbiased variance of x over the real tokens (two passes: the mean first, then the squared deviations)."""
+    mean = masked_mean(x, mask, reduce)
+    n = mask.sum() if reduce is None else reduce(mask.sum())
+    var = masked_mean((x - mean) ** 2, mask, reduce)
     return var * n / (n - 1).clamp(min=1)  # unbiased
 
 
-def whiten(x, mask, shift_mean=True):
-    """(x - mean) / std over the real tokens; shift_mean=False keeps the mean (used for rewards)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+def whiten(x, mask, shift_mean=True, reduce=None):
+    """(x - mean) / std over the real tokens; shift_mean=False keeps the mean (used for rewards). reduce: mean and
+    std over every process's tokens (the module docstring), as if the batches were one."""
+    mean, var = masked_mean(x, mask, reduce), masked_var(x, mask, reduce)
     out = (x - mean) * torch.rsqrt(var + 1e-8)
     if not shift_mean:
         out = out + mean
@@ -102,7 +111,7 @@ def value_loss(values, old_values, returns, mask, clip=0.2):
     return loss, clip_frac
 
 
-def explained_variance(values, returns, mask):
+def explained_variance(values, returns, mask, reduce=None):
     """1 - Var(returns - values) / Var(returns): 1 is a perfect value function, 0 no better than a constant."""
-    var_returns = masked_var(returns, mask)
-    return 1.0 - masked_var(returns - values, mask) / var_returns.clamp(min=1e-8)
+    var_returns = masked_var(returns, mask, reduce)
+    return 1.0 - masked_var(returns - values, mask, reduce) / var_returns.clamp(min=1e-8)

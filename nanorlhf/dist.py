@@ -1,0 +1,195 @@
+"""Many processes, one model: PyTorch's DistributedDataParallel (DDP) as the three scripts use it, and bf16 autocast.
+
+    torchrun --standalone --nproc_per_node=4 train_sft.py       # 4 processes (one per GPU), same flags as 1 process
+
+The model of DDP: torchrun starts N copies of the script and tells each its RANK (0..N-1), WORLD_SIZE (N) and
+LOCAL_RANK (its GPU on this machine). Every copy builds the same model from the same seed, reads the same data and
+draws the same random numbers for the data order, then takes only its own slice of each global batch (`shard`).
+Wrapped in DDP (`wrap`), the backward pass averages the gradients over the processes (an all-reduce), so every
+optimizer step is the same on all of them and the copies stay identical. A figure that depends on every process's
+data (a mean, a variance) is summed over processes the same way (`all_reduce_sum`, `mean`). One process alone
+(no torchrun: WORLD_SIZE unset or 1) sets up nothing, and every function here is then the identity or close to it.
+
+`batch_size` is per process: the global batch is world_size x batch_size. Only rank 0 prints, logs and saves.
+"""
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as tdist
+
+from nanorlhf.config import UserError
+
+
+def setup() -> str:
+    """Join the process group torchrun describes in the environment and return this process's device.
+
+    Backend nccl with one GPU per LOCAL_RANK on CUDA, gloo on CPU. Without torchrun (no WORLD_SIZE, or 1) nothing is
+    set up and the device is "cuda" if there is a GPU, else "cpu", as for any 1-process run."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tdist.is_initialized():
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            tdist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        else:
+            tdist.init_process_group("gloo")
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{torch.cuda.current_device()}" if tdist.is_initialized() else "cuda"
+
+
+def cleanup() -> None:
+    """Wait for every process (rank 0 may still be evaluating or saving), then leave the process group."""
+    if tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_initialized() else 1
+
+
+def rank() -> int:
+    return tdist.get_rank() if tdist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the process that prints, logs metrics, evaluates and writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if tdist.is_initialized():
+        tdist.barrier()
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs)
+
+
+def shard(items):
+    """This process's contiguous slice of a global batch (a list or a tensor's first dimension): with world size W
+    and W * B items, rank r gets items r * B .. (r + 1) * B - 1, what a 1-process run with the whole batch sees at
+    those positions."""
+    n, w, r = len(items), world_size(), rank()
+    return items[r * n // w:(r + 1) * n // w]
+
+
+def _reduce_device():
+    return torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise sum of x over all processes (a new tensor; x itself with one process)."""
+    if world_size() == 1:
+        return x
+    y = x.detach().clone()
+    tdist.all_reduce(y)
+    return y
+
+
+def sum_floats(values):
+    """[sum over processes of each number] for a list of Python numbers (float64 on the way)."""
+    if world_size() == 1:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_reduce_device())
+    tdist.all_reduce(t)
+    return t.tolist()
+
+
+def mean_floats(values):
+    """[mean over processes of each number]: for per-process figures that weigh the same on every process."""
+    if world_size() == 1:
+        return list(values)
+    return [v / world_size() for v in sum_floats(values)]
+
+
+def mean(x: torch.Tensor):
+    """The mean of all the elements of x on all processes, a Python float; None if there are none anywhere."""
+    if world_size() == 1:
+        return x.float().mean().item() if x.numel() else None
+    total, n = sum_floats([x.float().sum().item(), x.numel()])
+    return total / n if n else None
+
+
+def global_mean_loss(loss: torch.Tensor, n: int):
+    """For a loss that is a mean over this process's n items (tokens, rankings): (the loss to backpropagate, the
+    mean over every process's items, detached). DDP averages gradients over processes, which would weigh each
+    process's mean the same however many items it had; scaling by world_size * n / n_total makes the step that of
+    the mean over all the items, as one process with the whole global batch would take. One process: (loss, loss)."""
+    if world_size() == 1:
+        return loss, loss.detach()
+    t = all_reduce_sum(torch.stack([loss.detach().float() * n, torch.tensor(float(n), device=loss.device)]))
+    return loss * (world_size() * n / t[1].clamp(min=1)), t[0] / t[1].clamp(min=1)
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every process (picklable objects)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src=0):
+    """Rank src's obj on every process (picklable)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    tdist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def wrap(model, device, compile=False):
+    """The module to train with: DistributedDataParallel(model) with more than one process, then torch.compile if
+    asked. Keep `model` itself for everything else (generation, evaluation, checkpoints, attributes such as
+    lm_head: `unwrap` gets back to it). Every parameter must get a gradient in every backward pass (DDP's default,
+    find_unused_parameters=False); a second forward of the same model before backward (PPO-ptx) goes through
+    `model`, not the wrapper: its gradients land on the same parameters before DDP's hooks average them."""
+    wrapped = model
+    if world_size() > 1:
+        dev = torch.device(device)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
+    if compile:
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def unwrap(model):
+    """The plain module inside DDP and torch.compile wrappers (itself if it is not wrapped)."""
+    while True:
+        if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Precision: autocast for forward passes
+
+def autocast_dtype(name: str, device) -> torch.dtype | None:
+    """The autocast dtype for a --dtype value: "auto" is bfloat16 on a GPU that supports it, else float32 (no
+    autocast, None); "bfloat16" works on CPU too (slowly, without bf16 matmul hardware); "float32" is None."""
+    dev = torch.device(device)
+    if name == "auto":
+        name = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if name == "float32":
+        return None
+    if name == "bfloat16":
+        return torch.bfloat16
+    raise UserError(f"--dtype must be auto, bfloat16 or float32, not {name!r}")
+
+
+def autocast(device, name: str):
+    """A function that returns a fresh context for forward passes: torch.autocast in the dtype of --dtype `name`
+    (weights, gradients and optimizer state stay fp32; log-probs and the scalar heads are computed in fp32), or a
+    no-op for float32. Backward passes run outside it."""
+    dtype = autocast_dtype(name, device)
+    if dtype is None:
+        return contextlib.nullcontext
+    return lambda: torch.autocast(torch.device(device).type, dtype=dtype)

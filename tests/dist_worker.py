@@ -1,0 +1,55 @@
+"""Run in every process that tests/test_distributed.py starts (with torchrun, or alone), and save what it compares.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py DUMP train_sft --max_iters 2
+    python tests/dist_worker.py DUMP train_sft --max_iters 2 --batch_size 8         # one process
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py DUMP whiten train_ppo ...
+
+A script name runs that script's main() with the flags that follow and saves DUMP/rank{RANK}.pt: the state dicts of
+the models main() returns, and its other figures (PPO's beta). `whiten` first (it saves the time of another launch)
+adds "whiten": each process's data and its whitening with the statistics of all processes (nanorlhf.ppo.whiten
+with dist.all_reduce_sum).
+"""
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nanorlhf import dist, ppo  # noqa: E402
+from nanorlhf.config import parse_args  # noqa: E402
+
+
+def whiten_check():
+    """Rows 3r..3r+2 of one fixed (6, 5) batch with ragged lengths on rank r of 2, whitened together."""
+    dist.setup()  # the script's main() finds the process group set up, and takes it down at its end
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, generator=g) * 3 + 1
+    mask = (torch.arange(5)[None, :] < torch.tensor([5, 1, 3, 2, 4, 5])[:, None]).float()
+    mine, my_mask = dist.shard(x), dist.shard(mask)
+    out = dict(x=mine, mask=my_mask, whitened=ppo.whiten(mine, my_mask, reduce=dist.all_reduce_sum),
+               kept=ppo.whiten(mine, my_mask, shift_mean=False, reduce=dist.all_reduce_sum),
+               mean=dist.mean(mine[my_mask.bool()]), floats=dist.mean_floats([float(dist.rank()), 1.0]))
+    return out
+
+
+def main():
+    dump, what, *argv = sys.argv[1:]
+    rank = int(os.environ.get("RANK", "0"))
+    checks = {}
+    if what == "whiten":
+        checks["whiten"] = whiten_check()
+        what, *argv = argv
+    script = importlib.import_module(what)
+    result = {**script.main(parse_args(script.Config, argv)), **checks}
+    saved = {k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in result.items()}
+    Path(dump).mkdir(parents=True, exist_ok=True)
+    torch.save(saved, Path(dump) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
