@@ -195,7 +195,9 @@ def main(cfg: Config):
         value.load_state_dict(resumed["value"])
         policy_opt.load_state_dict(state["policy_opt"])
         value_opt.load_state_dict(state["value_opt"])
-        checkpoint.set_rng_state(state["rng"], rng, generator)
+        if len(state["rng"]) != dist.world_size():
+            raise UserError(f"{cfg.out} was written by {len(state['rng'])} processes: resume with as many")
+        checkpoint.set_rng_state(state["rng"][dist.rank()], rng, generator)  # this process's own random states
         beta, history, first_it = resumed["beta"], resumed["history"], resumed["step"]
         order, pos = state["order"], state["pos"]
     t_start = time.time()
@@ -237,6 +239,10 @@ def main(cfg: Config):
             score = torch.where(ended, rm.score(tokens, start, last), cfg.no_eos_penalty)  # (B,)
             # 3. Log-probs of the sampled tokens under the frozen reference (SFT), and the values V(s_t).
             ref_logp = response_logprobs(ref, tokens, start, P, mask, cfg.temperature)  # (B, R)
+            if dist.autocast_dtype(cfg.dtype, device) is not None:
+                # bf16: generation's log-probs come from bf16 logits, the update's from the log-prob seam; take
+                # log pi_old from the seam too, so the PPO ratio starts at exactly 1 here as well.
+                old_logp = response_logprobs(policy, tokens, start, P, mask, cfg.temperature)  # (B, R)
             old_values = response_values(value, tokens, start, P, maskf)  # (B, R)
             # 4. Rewards: -beta * (log pi - log pi_ref) per token, plus the RM score on the last token.
             rewards, kl = ppo.kl_penalized_rewards(score, old_logp, ref_logp, maskf, beta)
@@ -313,11 +319,13 @@ def main(cfg: Config):
         phase_times.append((t1 - t0, t2 - t1, t3 - t2))
         bar.set_postfix(score=f"{record['score']:+.2f}", kl=f"{mean_kl:.2f}", beta=f"{beta:.3f}",
                         clip=f"{s[2]:.2f}", len=f"{record['resp_len']:.1f}", s_it=f"{t3 - t0:.1f}")
-        if metrics and cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.iters:
-            checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg),
-                            history=history, beta=beta, step=it + 1,
-                            resume=dict(policy_opt=policy_opt.state_dict(), value_opt=value_opt.state_dict(),
-                                        rng=checkpoint.rng_state(rng, generator), order=order, pos=pos))
+        if not cfg.benchmark and cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.iters:
+            rngs = dist.all_gather_objects(checkpoint.rng_state(rng, generator))  # each process samples its own
+            if dist.is_main():
+                checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg),
+                                history=history, beta=beta, step=it + 1,
+                                resume=dict(policy_opt=policy_opt.state_dict(), value_opt=value_opt.state_dict(),
+                                            rng=rngs, order=order, pos=pos))
     bar.close()
 
     if cfg.benchmark:

@@ -226,7 +226,7 @@ def main(cfg: Config):
             scores = group_scores(train_rm, batch, model_cfg.block_size, device)  # (G*K,)
         scaled, loss = dist.global_mean_loss(ranking_loss(scores, k), len(batch))  # loss: over every process's
         if not torch.isfinite(loss):
-            raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (nothing was saved)")
+            raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (the last checkpoint, if any, is left as it was)")
         optimizer.zero_grad(set_to_none=True)
         scaled.backward()
         if cfg.grad_clip:

@@ -2,8 +2,9 @@
 
 Every script writes {kind, model_config, model, train_config, step, ...} to its --out at the end, and every
 ckpt_interval steps before that the same dict plus "resume": what --resume needs to go on exactly where the run was
-(optimizer state, random states, data order). Only a mid-run checkpoint has "resume"; it loads wherever a finished
-one does (the next stage, evaluation, sampling).
+(optimizer state, random states, data order). Only a mid-run checkpoint has "resume". The next stage and the
+evaluation refuse it (a mid-run RM has no normalised score yet, a mid-run SFT model is not the one meant), with a
+line that says to finish the run with --resume; sampling (nanorlhf.sample) and --resume itself read it.
 """
 
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from nanorlhf.config import UserError
+from nanorlhf.dist import print0
 from nanorlhf.model import GPTConfig
 
 
@@ -27,8 +29,8 @@ def save(path, model, kind: str, **extra) -> None:
     os.replace(tmp, path)
 
 
-def load(path, made_by: str, kind: str | None = None) -> dict:
-    """Read a checkpoint; if it is missing, say which script makes it."""
+def load(path, made_by: str, kind: str | None = None, finished: bool = True) -> dict:
+    """Read a checkpoint; if it is missing, say which script makes it. finished: refuse a mid-run checkpoint."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} not found: run `python {made_by}` first (or pass the right path)")
@@ -40,6 +42,9 @@ def load(path, made_by: str, kind: str | None = None) -> dict:
         raise UserError(f"{path} is not a nanorlhf checkpoint")
     if kind is not None and ckpt.get("kind") != kind:
         raise UserError(f"{path} is a {ckpt.get('kind')!r} checkpoint, expected {kind!r} (made by {made_by})")
+    if finished and "resume" in ckpt:
+        raise UserError(f"{path} is from a run that stopped at step {ckpt.get('step')} before it finished: complete it "
+                        f"with `python {made_by} --resume` (same flags), or pass a finished checkpoint")
     return ckpt
 
 
@@ -52,15 +57,15 @@ def load_resumable(cfg, made_by: str, kind: str) -> dict | None:
     path = Path(cfg.out)
     if not path.exists():
         raise UserError(f"--resume: no checkpoint at {path} to continue from (leave out --resume to start a new run)")
-    ckpt = load(path, made_by=made_by, kind=kind)
+    ckpt = load(path, made_by=made_by, kind=kind, finished=False)
     if "resume" not in ckpt:
-        print(f"{path} holds a finished run (step {ckpt.get('step', '?')}): nothing to resume")
+        print0(f"{path} holds a finished run (step {ckpt.get('step', '?')}): nothing to resume")
         return None
     saved = ckpt.get("train_config", {})
     changed = [f"--{k} {v} (was {saved[k]})" for k, v in vars(cfg).items() if k != "resume" and saved.get(k, v) != v]
     if changed:
-        print("note: resuming with settings that differ from the checkpoint's run: " + ", ".join(changed))
-    print(f"resuming {path} from step {ckpt['step']}")
+        print0("note: resuming with settings that differ from the checkpoint's run: " + ", ".join(changed))
+    print0(f"resuming {path} from step {ckpt['step']}")
     return ckpt
 
 

@@ -53,7 +53,7 @@ def load_policy(path, device="cpu") -> GPT:
 
         model = load_gpt2(path)
     else:
-        ckpt = checkpoint.load(path, made_by="train_sft.py")
+        ckpt = checkpoint.load(path, made_by="train_sft.py", finished=False)  # a mid-run model talks too
         if ckpt.get("kind") not in ("sft", "ppo"):
             raise UserError(f"{path} is a {ckpt.get('kind')!r} checkpoint; sampling needs a GPT (sft or ppo)")
         model = GPT(checkpoint.model_config(ckpt))

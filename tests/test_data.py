@@ -53,3 +53,14 @@ def test_missing_checkpoint_names_the_script(tmp_path):
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(UserError, match="could not be read"):
         checkpoint.load(tmp_path / "junk.pt", made_by="train_sft.py")
+
+
+def test_a_mid_run_checkpoint_is_refused_downstream(tmp_path):
+    from nanorlhf.model import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    checkpoint.save(tmp_path / "rm.pt", model, kind="rm", step=3, resume={})
+    with pytest.raises(UserError, match=r"stopped at step 3 before it finished: complete it with `python train_rm.py "
+                                        r"--resume`"):
+        checkpoint.load(tmp_path / "rm.pt", made_by="train_rm.py", kind="rm")
+    assert checkpoint.load(tmp_path / "rm.pt", made_by="train_rm.py", kind="rm", finished=False)["step"] == 3
