@@ -2,7 +2,8 @@
 
 InstructGPT §3.5: start from the SFT model, replace the unembedding with a scalar head, and train on labelers'
 rankings of K responses per prompt with the pairwise loss of nanorlhf/reward.py. Afterwards a bias is set so that
-the RM scores SFT samples with mean 0 (InstructGPT normalises the same way, so RL starts from reward ~0).
+the RM scores SFT samples with mean 0 (InstructGPT normalises the same way, so RL starts from reward ~0), and a
+scale so that they have std 1 (Ziegler et al. 2019).
 
 Default (the built-in task): sample K responses for each training prompt from the SFT model, let the scripted
 labeler rank them (with its noise), write the rankings as JSONL and train on that file for one epoch.
@@ -76,7 +77,10 @@ class Config:
     grad_clip: float = 1.0
     """clip the gradient's global norm (0: off)"""
     n_normalize: int = 256
-    """prompts whose SFT samples set the score's zero"""
+    """prompts whose SFT samples set the score's zero (and scale)"""
+    unit_std: bool = True
+    """also scale the score to std 1 on SFT samples (Ziegler et al. 2019), so PPO's beta and penalties mean the
+    same whatever scale training left the RM at"""
     dtype: str = "auto"
     """autocast dtype of forward passes: auto (bfloat16 on a GPU that has it, else float32), bfloat16 or float32"""
     compile: bool = False
@@ -122,6 +126,13 @@ def group_scores(rm, batch, block_size, device):
     seqs = [encode_pair(prompt, resp, block_size) for prompt, responses in batch for resp in responses]
     idx, start = left_pad(seqs, device=device)  # (G*K, T): left-padded, so every sequence ends at column T-1
     return rm(idx, start)[:, -1]  # (G*K,): the score at the last token (rm(...), not rm.score: rm may be in DDP)
+
+
+@torch.no_grad()
+def normalise_head(rm, mean, scale):
+    """r -> (r - mean) * scale, folded into the scalar head: w' = w * scale, b' = (b - mean) * scale."""
+    rm.head.weight.mul_(scale)
+    rm.head.bias.sub_(mean).mul_(scale)
 
 
 @torch.no_grad()
@@ -241,10 +252,10 @@ def main(cfg: Config):
                                         plan_rng=plan_rng))
     bar.close()
 
-    # 3. Normalise: a bias so that SFT samples score 0 on average (InstructGPT §3.5).
+    # 3. Normalise: a bias so that SFT samples score 0 on average (InstructGPT §3.5), and (unit_std) a scale so that
+    #    they have std 1 (Ziegler et al. 2019): r -> (r - mean) * scale, folded into the head's weight and bias.
     if not dist.is_main():  # rank 0 normalises, evaluates and saves; the others apply its shift and are done
-        with torch.no_grad():
-            rm.head.bias -= dist.broadcast_object(None)
+        normalise_head(rm, *dist.broadcast_object(None))
         dist.cleanup()
         return dict(rm=rm)
     prompts = [p for p, _ in train][:cfg.n_normalize]
@@ -252,9 +263,10 @@ def main(cfg: Config):
         samples = sample_responses(policy, prompts, cfg.max_new_tokens, cfg.temperature, 128, generator)
         rm.eval()
         sft_scores = score_texts(rm, prompts, [as_response(t, e) for t, e in samples])
-    with torch.no_grad():
-        rm.head.bias -= dist.broadcast_object(sft_scores.mean().item())
-    print(f"normalised: SFT samples' score mean {sft_scores.mean().item():+.3f} -> 0, std {sft_scores.std().item():.3f}")
+    mean, std = sft_scores.mean().item(), sft_scores.std().item()
+    scale = 1.0 / max(std, 1e-6) if cfg.unit_std else 1.0
+    normalise_head(rm, *dist.broadcast_object((mean, scale)))
+    print(f"normalised: SFT samples' score mean {mean:+.3f} -> 0, std {std:.3f}" + (" -> 1" if cfg.unit_std else ""))
 
     # 4. Held-out accuracy, beside the ceiling the labels' own noise allows.
     with amp():

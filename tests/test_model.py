@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nanorlhf.model import GPT, GPTConfig, ScalarModel, generate, left_pad, sample_token
+from nanorlhf.model import GPT, GPTConfig, ScalarModel, draw, generate, left_pad, sample_token
 from nanorlhf.tokenizer import EOT, PAD
 
 TINY = GPTConfig(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)
@@ -113,6 +113,18 @@ def test_sampling_filters():
     assert tok.tolist() == [4] * 2000
     tok, _ = sample_token(logits, temperature=0.01, generator=torch.Generator().manual_seed(0))
     assert tok.tolist() == [4] * 2000
+
+
+def test_draw_follows_the_probabilities():
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.7, 0.0]).repeat(40000, 1) * 3.0  # unnormalised weights are fine
+    tok = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=5).float() / len(tok)
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.0, 0.2, 0.7, 0.0]), atol=0.01, rtol=0)  # 4 s.e. ~ 0.009
+    assert freq[1] == 0 and freq[4] == 0  # zero-probability entries, the last one included, are never drawn
+    v = 50257  # GPT-2's vocabulary: one token with all the mass at the far end, the rest exactly 0
+    probs = torch.zeros(8, v)
+    probs[:, v - 1] = 1.0
+    assert draw(probs, torch.Generator().manual_seed(0)).tolist() == [v - 1] * 8
 
 
 def test_scalar_model_reads_the_last_real_token():
