@@ -49,8 +49,9 @@ class Config:
     """built-in data: held-out prompts"""
     out: str = "out/rm.pt"
     """where the checkpoint goes"""
-    n_prompts: int = 1500
-    """built-in data: training prompts to label"""
+    n_prompts: int = 4000
+    """built-in data: training prompts to label (our runs, K = 4, 4 epochs, held-out accuracy vs gold: 1,500
+    prompts 0.68-0.74, 4,000 prompts 0.78-0.80)"""
     n_eval: int = 250
     """built-in data: held-out prompts to label"""
     k: int = 4
@@ -67,15 +68,18 @@ class Config:
     """prompts (each with all of its K responses) per step and process (torchrun: world_size x batch_size in all)"""
     epochs: int = 4
     """passes over the rankings (InstructGPT: one, as more overfit its large RMs; this small RM still underfits
-    after one: held-out accuracy vs gold 0.67 after 1 epoch, 0.73 after 4 in our runs)"""
-    lr: float = 1e-3
-    """peak learning rate"""
+    after one: held-out accuracy vs gold 0.74 after 2 epochs, 0.78-0.80 after 4 in our runs)"""
+    lr: float = 3e-4
+    """peak learning rate (1e-3 was worse and erratic in our runs: 0.67-0.74 vs gold)"""
     warmup_iters: int = 10
     """linear warm-up steps"""
     weight_decay: float = 0.0
     """AdamW weight decay on matrices"""
     grad_clip: float = 1.0
     """clip the gradient's global norm (0: off)"""
+    center_coef: float = 0.01
+    """weight of (each prompt's mean score)^2 added to the loss: keeps per-prompt offsets, which carry no
+    preference, out of the score (nanorlhf/reward.py)"""
     n_normalize: int = 256
     """prompts whose SFT samples set the score's zero (and scale)"""
     unit_std: bool = True
@@ -235,7 +239,7 @@ def main(cfg: Config):
         k = len(batch[0][1])
         with amp():
             scores = group_scores(train_rm, batch, model_cfg.block_size, device)  # (G*K,)
-        scaled, loss = dist.global_mean_loss(ranking_loss(scores, k), len(batch))  # loss: over every process's
+        scaled, loss = dist.global_mean_loss(ranking_loss(scores, k, cfg.center_coef), len(batch))  # loss: over every process's
         if not torch.isfinite(loss):
             raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (the last checkpoint, if any, is left as it was)")
         optimizer.zero_grad(set_to_none=True)

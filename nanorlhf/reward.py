@@ -19,12 +19,20 @@ from nanorlhf.model import left_pad
 from nanorlhf.tokenizer import encode
 
 
-def ranking_loss(scores: torch.Tensor, k: int) -> torch.Tensor:
+def ranking_loss(scores: torch.Tensor, k: int, center_coef: float = 0.0) -> torch.Tensor:
     """scores (G*K,) for G groups of K responses each, each group ordered best first -> mean over all pairs of
-    -log sigmoid(r_better - r_worse)."""
+    -log sigmoid(r_better - r_worse), plus center_coef * the mean over groups of (the group's mean score)^2.
+
+    The pairwise term sees only differences within a prompt, so it leaves each prompt's level free; trained alone,
+    our RM put ~3/4 of its score variance into such per-prompt offsets, which carry no preference, and which PPO's
+    value function must learn before its advantages carry signal. The centering term pins every prompt's mean near
+    0 at a small cost in fit, so the score's spread is mostly the within-prompt one that ranks responses."""
     s = scores.view(-1, k)  # (G, K)
     i, j = torch.triu_indices(k, k, offset=1, device=scores.device)  # all pairs i < j: i is ranked above j
-    return -F.logsigmoid(s[:, i] - s[:, j]).mean()  # (G, C(K,2)) -> scalar
+    loss = -F.logsigmoid(s[:, i] - s[:, j]).mean()  # (G, C(K,2)) -> scalar
+    if center_coef:
+        loss = loss + center_coef * s.mean(1).pow(2).mean()  # (G,) group means -> scalar
+    return loss
 
 
 def encode_pair(prompt: str, response: str, block_size: int) -> list[int]:

@@ -29,6 +29,15 @@ def test_pairwise_loss_is_the_k2_case():
     assert ranking_loss(s, 2).item() == pytest.approx(-torch.nn.functional.logsigmoid(torch.tensor(1.5)).item())
 
 
+def test_centering_term_pulls_each_prompts_mean_to_zero():
+    s = torch.tensor([3.0, 1.0, -2.0, -4.0], requires_grad=True)  # two groups of K = 2, means 2 and -3
+    loss = ranking_loss(s, 2, center_coef=0.1)
+    expected = ranking_loss(s, 2) + 0.1 * (2.0 ** 2 + 3.0 ** 2) / 2
+    torch.testing.assert_close(loss, expected)
+    shifted = torch.tensor([1.0, -1.0, 1.0, -1.0])  # same differences, group means 0: only the pairwise term left
+    assert ranking_loss(shifted, 2, center_coef=0.1).item() == pytest.approx(ranking_loss(shifted, 2).item())
+
+
 def test_pairwise_accuracy_skips_ties():
     scores = [[3.0, 1.0, 2.0]]
     acc, n = pairwise_accuracy(scores, [[0, 1, 2]])
