@@ -55,7 +55,7 @@ class Config:
     """held-out prompts for the gold score ("" to skip; only the built-in task's prompts are scored)"""
     out: str = "out/ppo.pt"
     """where the checkpoint goes"""
-    iters: int = 50
+    iters: int = 100
     """PPO iterations (each: one batch of rollouts, then ppo_epochs over it)"""
     batch_size: int = 64
     """prompts rolled out per iteration and process (torchrun: world_size x batch_size in all)"""
@@ -63,8 +63,9 @@ class Config:
     """rollouts per gradient step and process"""
     ppo_epochs: int = 2
     """passes over each batch of rollouts"""
-    lr: float = 5e-5
-    """policy learning rate (Adam)"""
+    lr: float = 1e-4
+    """policy learning rate (Adam); in our runs 5e-5 gained less, and 3e-4 drifted from SFT (KL 2.2 nats by
+    iteration 50) with no gold gain"""
     vf_lr: float = 1e-4
     """value function learning rate"""
     temperature: float = 1.0
