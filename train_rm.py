@@ -6,7 +6,8 @@ the RM scores SFT samples with mean 0 (InstructGPT normalises the same way, so R
 scale so that they have std 1 (Ziegler et al. 2019).
 
 Default (the built-in task): sample K responses for each training prompt from the SFT model, let the scripted
-labeler rank them (with its noise), write the rankings as JSONL and train on that file (4 epochs: this small RM underfits after one).
+labeler rank them (with its noise), write the rankings as JSONL and train on that file (4 epochs: this small RM
+underfits after one).
 
 Reads  out/sft.pt; data/prompts_train.jsonl and data/prompts_eval.jsonl (default) or --data / --eval_data rankings
 Writes out/rm.pt; out/rankings_train.jsonl and out/rankings_eval.jsonl (default)
@@ -240,9 +241,11 @@ def main(cfg: Config):
         k = len(batch[0][1])
         with amp():
             scores = group_scores(train_rm, batch, model_cfg.block_size, device)  # (G*K,)
-        scaled, loss = dist.global_mean_loss(ranking_loss(scores, k, cfg.center_coef), len(batch))  # loss: over every process's
+        # scaled: to backpropagate; loss: the mean over every process's rankings
+        scaled, loss = dist.global_mean_loss(ranking_loss(scores, k, cfg.center_coef), len(batch))
         if not torch.isfinite(loss):
-            raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (the last checkpoint, if any, is left as it was)")
+            raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (the last checkpoint, if "
+                            f"any, is left as it was)")
         optimizer.zero_grad(set_to_none=True)
         scaled.backward()
         if cfg.grad_clip:

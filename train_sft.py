@@ -214,7 +214,8 @@ def main(cfg: Config):
             loss, n = sft_loss(train_model, idx, start, mask)
         scaled, loss = dist.global_mean_loss(loss, n)  # loss: the mean over every process's response tokens
         if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at step {it}: lower --lr (the last checkpoint, if any, is left as it was)")
+            raise UserError(f"the loss became {loss.item()} at step {it}: lower --lr (the last checkpoint, if any, "
+                            f"is left as it was)")
         optimizer.zero_grad(set_to_none=True)
         scaled.backward()
         if cfg.grad_clip:
