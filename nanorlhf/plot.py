@@ -11,10 +11,10 @@ One PNG per group of known figures found in the file, each figure a line against
     other.png     every other numeric key, one panel each (learning rate, throughput, ...)
 
 A word is a part of the key between "_", "/" or "."; the first group in the order beta, accuracy, gold, kl,
-reward, loss that matches takes the key (so "kl_coef" is a beta, "acc_gold" an accuracy, "val_loss" a loss), and
-"approx_kl" (a PPO update diagnostic) goes to other. A key "X_se" next to a key "X" is X's standard error and
-shades a band around it. "step" is the x axis ("iter" too is left out). matplotlib is optional:
-`pip install matplotlib`.
+reward, loss that matches takes the key (so "kl_coef" is a beta, "acc_gold" an accuracy, "val_loss" a loss);
+"approx_kl" (a PPO update diagnostic) and the phase timings "t_score", ... go to other. A key "X_se" next to a key
+"X" is X's standard error and shades a band around it. "step" is the x axis ("iter" too is left out).
+matplotlib is optional: `pip install matplotlib`.
 """
 
 import argparse
@@ -26,7 +26,7 @@ from nanorlhf.config import UserError
 from nanorlhf.metrics import is_number, read_metrics
 
 GROUPS = [  # (file name, words), in matching order
-    ("other", {"approx"}),  # PPO's approx_kl (old vs new policy within an update) is no KL to the SFT model
+    ("other", {"approx", "t"}),  # approx_kl (old vs new policy in an update) is no KL to SFT; t_score is a time
     ("beta", {"beta", "coef"}),
     ("accuracy", {"accuracy", "acc"}),
     ("gold", {"gold"}),

@@ -43,9 +43,9 @@ def test_read_metrics_skips_a_cut_off_last_line_but_not_a_bad_middle_one(tmp_pat
 
 def test_keys_fall_into_groups():
     assert [group_of(k) for k in ["loss", "val_loss", "rm_accuracy", "acc_gold", "reward", "score_mean", "kl",
-                                  "kl_coef", "beta", "gold", "lr", "time_s", "klass", "approx_kl"]] == [
+                                  "kl_coef", "beta", "gold", "lr", "time_s", "klass", "approx_kl", "t_score"]] == [
         "loss", "loss", "accuracy", "accuracy", "reward", "reward", "kl", "beta", "beta", "gold", "other", "other",
-        "other", "other"]
+        "other", "other", "other"]
 
 
 def write_run(run_dir):
