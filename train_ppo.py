@@ -57,12 +57,13 @@ class Config:
     """where the checkpoint goes"""
     iters: int = 100
     """PPO iterations (each: one batch of rollouts, then ppo_epochs over it)"""
-    batch_size: int = 64
+    batch_size: int = 128
     """prompts rolled out per iteration and process (torchrun: world_size x batch_size in all)"""
     minibatch_size: int = 16
     """rollouts per gradient step and process"""
-    ppo_epochs: int = 2
-    """passes over each batch of rollouts"""
+    ppo_epochs: int = 1
+    """passes over each batch of rollouts (rollouts are cheap here: in our runs 128 rollouts x 1 epoch for 100
+    iterations gained as much gold as 64 x 2 epochs for 200, in half the time)"""
     lr: float = 1e-4
     """policy learning rate (Adam); in our runs 5e-5 gained less, and 3e-4 drifted from SFT (KL 2.2 nats by
     iteration 50) with no gold gain"""
