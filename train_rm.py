@@ -287,9 +287,9 @@ def main(cfg: Config):
         msg += f"; vs the gold score: {ag:.3f} ({ng} pairs); the labels themselves vs gold (ceiling): {ceiling:.3f}"
     print(msg)
     metrics.log(len(plan), **{k: v[0] for k, v in result.items()}, acc_train_labels=train_acc,
-                sft_score_std=sft_scores.std().item())
+                sft_score_std=std)
     checkpoint.save(cfg.out, rm, kind="rm", train_config=vars(cfg), eval=result,
-                    sft_score_std=sft_scores.std().item(), step=len(plan))
+                    sft_score_std=std, step=len(plan))
     print(f"RM done in {time.time() - t0:.0f} s; wrote {cfg.out}")
     dist.cleanup()
     return dict(rm=rm)  # the trained reward model (tests compare it across processes)

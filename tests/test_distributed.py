@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from test_pipeline import ROOT, TINY
+
 sys.path.insert(0, str(ROOT))
 
 import train_rm  # noqa: E402
@@ -26,7 +27,6 @@ from nanorlhf.config import parse_args  # noqa: E402
 from nanorlhf.model import GPT, GPTConfig, ScalarModel, generate, response_logprobs, response_mask  # noqa: E402
 
 WORKER = ROOT / "tests" / "dist_worker.py"
-TINY = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16)
 
 
 def torchrun(dump, what, *args, cwd):

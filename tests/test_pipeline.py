@@ -47,7 +47,8 @@ def test_train_rm(workdir, rm_run):
 def test_train_ppo_and_evaluate(workdir, rm_run):
     assert rm_run.returncode == 0, rm_run.stderr[-3000:]
     ppo = run("train_ppo.py", "--iters", 2, "--batch_size", 8, "--minibatch_size", 4, "--ppo_epochs", 2,
-              "--max_new_tokens", 6, "--eval_interval", 2, "--eval_n", 8, "--ptx_coef", 0.1, cwd=workdir)
+              "--max_new_tokens", 6, "--eval_interval", 2, "--eval_n", 8, "--ptx_coef", 0.1, "--ent_coef", 0.01,
+              cwd=workdir)  # the entropy bonus path here; tests/test_resume.py runs the default (no bonus)
     assert ppo.returncode == 0, ppo.stderr[-3000:]
     ckpt = torch.load(workdir / "out" / "ppo.pt", weights_only=False)
     assert ckpt["kind"] == "ppo" and len(ckpt["history"]) == 2
