@@ -115,12 +115,29 @@ def test_sampling_filters():
     assert tok.tolist() == [4] * 2000
 
 
+def test_sampled_logprob_is_the_tempered_log_softmax():
+    logits = torch.randn(64, 50257) * 3
+    for temperature in (1.0, 0.7):
+        tok, logp = sample_token(logits, temperature, generator=torch.Generator().manual_seed(0))
+        want = torch.log_softmax(logits.double() / temperature, -1).gather(-1, tok[:, None]).squeeze(-1)
+        torch.testing.assert_close(logp.double(), want, atol=5e-6, rtol=0)  # fp32 log_softmax itself is off by 4e-6
+
+
 def test_draw_follows_the_probabilities():
     probs = torch.tensor([0.1, 0.0, 0.2, 0.7, 0.0]).repeat(40000, 1) * 3.0  # unnormalised weights are fine
     tok = draw(probs, torch.Generator().manual_seed(0))
     freq = torch.bincount(tok, minlength=5).float() / len(tok)
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.0, 0.2, 0.7, 0.0]), atol=0.01, rtol=0)  # 4 s.e. ~ 0.009
     assert freq[1] == 0 and freq[4] == 0  # zero-probability entries, the last one included, are never drawn
+    # Past one block (draw's two-level search): mass in several blocks, the short tail block included.
+    v, where = 1000, torch.tensor([3, 255, 256, 700, 999])  # 1000 = 3 blocks of 256 + a tail of 232
+    want = torch.tensor([0.05, 0.15, 0.3, 0.1, 0.4])
+    probs = torch.zeros(40000, v)
+    probs[:, where] = want
+    tok = draw(probs, torch.Generator().manual_seed(1))
+    freq = torch.bincount(tok, minlength=v).float() / len(tok)
+    torch.testing.assert_close(freq[where], want, atol=0.01, rtol=0)
+    assert freq.sum() == freq[where].sum()  # nothing outside the five entries
     v = 50257  # GPT-2's vocabulary: one token with all the mass at the far end, the rest exactly 0
     probs = torch.zeros(8, v)
     probs[:, v - 1] = 1.0
