@@ -114,22 +114,15 @@ def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, g
     return records
 
 
-def batches(groups, batch_size, rng, pool=32):
-    """Shuffled batches of groups with the same K (rankings of different K cannot share a (G, K) view).
-
-    Every sequence of a batch is padded to the longest, so after shuffling, each run of `pool` batches is sorted by
-    length before it is cut: groups of similar length share a batch (a third of the built-in task's tokens were
-    padding without it), and the batches are shuffled again.
-    """
+def batches(groups, batch_size, rng):
+    """Shuffled batches of groups with the same K (rankings of different K cannot share a (G, K) view)."""
     by_k = {}
     for g in groups:
         by_k.setdefault(len(g[1]), []).append(g)
     out = []
     for same_k in by_k.values():
         rng.shuffle(same_k)
-        for i in range(0, len(same_k), pool * batch_size):
-            run = sorted(same_k[i:i + pool * batch_size], key=lambda g: len(g[0]) + max(map(len, g[1])))  # chars
-            out += [run[j:j + batch_size] for j in range(0, len(run), batch_size)]
+        out += [same_k[i:i + batch_size] for i in range(0, len(same_k), batch_size)]
     rng.shuffle(out)
     return out
 

@@ -53,14 +53,6 @@ def test_batches_keep_groups_of_equal_k_together():
     assert all(len({len(g[1]) for g in b}) == 1 for b in out)
 
 
-def test_batches_group_similar_lengths_and_keep_every_ranking():
-    groups = [(f"{'x' * (5 if i % 2 else 50)} {i:02d}", ["a", "b"]) for i in range(64)]  # 32 short, 32 long
-    out = batches(groups, 8, random.Random(1), pool=8)  # one pool holds all 64: lengths sort into batches
-    assert sorted(g for b in out for g in b) == sorted(groups)  # each ranking exactly once
-    assert all(len({len(g[0]) > 20 for g in b}) == 1 for b in out)  # no batch mixes short and long prompts
-    assert [g for b in out for g in b] != sorted(groups, key=lambda g: len(g[0]))  # and the batches are shuffled
-
-
 def test_group_scores_read_the_end_token():
     torch.manual_seed(0)
     cfg = GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16)
