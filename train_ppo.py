@@ -34,7 +34,7 @@ from nanorlhf.evaluate import gold_eval
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import (GPT, GPTConfig, ScalarModel, generate, response_logprobs, response_mask,
                             response_values)
-from nanorlhf.optim import adamw
+from nanorlhf.optim import adamw, set_lr
 from nanorlhf.tokenizer import encode
 
 
@@ -55,8 +55,9 @@ class Config:
     """held-out prompts for the gold score ("" to skip; only the built-in task's prompts are scored)"""
     out: str = "out/ppo.pt"
     """where the checkpoint goes"""
-    iters: int = 100
-    """PPO iterations (each: one batch of rollouts, then ppo_epochs over it)"""
+    iters: int = 150
+    """PPO iterations (each: one batch of rollouts, then ppo_epochs over it); in our runs (annealed lr 3e-4)
+    held-out gold 0.831-0.834 after 100, 0.846 after 150, where best-of-4 with that RM was 0.841"""
     batch_size: int = 128
     """prompts rolled out per iteration and process (torchrun: world_size x batch_size in all)"""
     minibatch_size: int = 16
@@ -64,11 +65,15 @@ class Config:
     ppo_epochs: int = 1
     """passes over each batch of rollouts (rollouts are cheap here: in our runs 128 rollouts x 1 epoch for 100
     iterations gained as much gold as 64 x 2 epochs for 200, in half the time)"""
-    lr: float = 1e-4
-    """policy learning rate (Adam); in our runs 5e-5 gained less, and 3e-4 drifted from SFT (KL 2.2 nats by
-    iteration 50) with no gold gain"""
-    vf_lr: float = 1e-4
-    """value function learning rate"""
+    lr: float = 3e-4
+    """policy learning rate (Adam), the peak if anneal_lr; in our runs (100 iterations, annealed) held-out gold
+    2e-4: 0.825 (two seeds), 3e-4: 0.831-0.834, 5e-4: 0.827; held constant, 1e-4 gave 0.814 and 3e-4 drifted
+    from SFT (KL 2.2 nats by iteration 50) with no gold gain"""
+    vf_lr: float = 3e-4
+    """value function learning rate (the peak if anneal_lr); 1e-4 with a policy lr of 3e-4 gave 0.824"""
+    anneal_lr: bool = True
+    """decay both learning rates linearly to 0 over the iterations (as cleanrl's PPO does): in our runs +0.01 to
+    +0.02 held-out gold over a constant rate, and a rate 3x higher stays stable"""
     temperature: float = 1.0
     """sampling temperature; the log-probs are computed at the same temperature"""
     max_new_tokens: int = 16
@@ -217,6 +222,9 @@ def main(cfg: Config):
         if pos + global_batch > len(order):
             rng.shuffle(order)
             pos = 0
+        if cfg.anneal_lr:  # both learning rates fall linearly, from their peak at iteration 0 towards 0
+            set_lr(policy_opt, cfg.lr * (1 - it / cfg.iters))
+            set_lr(value_opt, cfg.vf_lr * (1 - it / cfg.iters))
         batch_prompts = dist.shard([prompts[i] for i in order[pos:pos + global_batch]])  # this process's prompts
         pos += global_batch
 
@@ -307,7 +315,7 @@ def main(cfg: Config):
         n_tokens = dist.sum_floats([int(resp_len.sum()) + len(batch_prompts) * P])[0]
         record = dict(
             iter=it + 1, score=dist.mean(score), rm_score=dist.mean(score[ended]),
-            kl=mean_kl, beta=beta, entropy=s[4], clip_frac=s[2], approx_kl=s[3], pg_loss=s[0], vf_loss=s[1],
+            kl=mean_kl, beta=beta, lr=policy_opt.param_groups[0]["lr"], entropy=s[4], clip_frac=s[2], approx_kl=s[3], pg_loss=s[0], vf_loss=s[1],
             vf_clip_frac=s[5], explained_var=ppo.explained_variance(old_values, returns, maskf, reduce).item(),
             resp_len=dist.mean(resp_len.float()), no_eos=1.0 - dist.mean(ended.float()),
             time_s=t3 - t0, tokens_per_s=n_tokens / (t3 - t0),

@@ -6,7 +6,7 @@ the RM scores SFT samples with mean 0 (InstructGPT normalises the same way, so R
 scale so that they have std 1 (Ziegler et al. 2019).
 
 Default (the built-in task): sample K responses for each training prompt from the SFT model, let the scripted
-labeler rank them (with its noise), write the rankings as JSONL and train on that file (4 epochs: this small RM
+labeler rank them (with its noise), write the rankings as JSONL and train on that file (8 epochs: this small RM
 underfits after one).
 
 Reads  out/sft.pt; data/prompts_train.jsonl and data/prompts_eval.jsonl (default) or --data / --eval_data rankings
@@ -68,9 +68,10 @@ class Config:
     """with --data and no --eval_data: fraction held out"""
     batch_size: int = 16
     """prompts (each with all of its K responses) per step and process (torchrun: world_size x batch_size in all)"""
-    epochs: int = 4
+    epochs: int = 8
     """passes over the rankings (InstructGPT: one, as more overfit its large RMs; this small RM still underfits
-    after one: held-out accuracy vs gold 0.74 after 2 epochs, 0.78-0.80 after 4 in our runs)"""
+    after one: on one set of rankings, held-out accuracy vs gold 0.815 after 4 epochs, 0.827-0.830 after 6, 0.836
+    after 8)"""
     lr: float = 3e-4
     """peak learning rate (1e-3 was worse and erratic in our runs: 0.67-0.74 vs gold)"""
     warmup_iters: int = 10
@@ -128,10 +129,21 @@ def batches(groups, batch_size, rng):
 
 
 def group_scores(rm, batch, block_size, device):
-    """RM scores for a batch of (prompt, responses) groups with the same K: (G * K,), group-major."""
-    seqs = [encode_pair(prompt, resp, block_size) for prompt, responses in batch for resp in responses]
-    idx, start = left_pad(seqs, device=device)  # (G*K, T): left-padded, so every sequence ends at column T-1
-    return rm(idx, start)[:, -1]  # (G*K,): the score at the last token (rm(...), not rm.score: rm may be in DDP)
+    """RM scores for a batch of (prompt, responses) groups with the same K: (G * K,), group-major.
+
+    Each distinct (prompt, response) goes through the RM once and its score is reused for every copy: sampled
+    responses repeat (39 % of the built-in task's K = 8 SFT samples repeat one of their group's), and a copy's
+    score and gradient are exactly those of the original, so the loss and its gradient are unchanged."""
+    seqs, where, slot = [], [], {}
+    for prompt, responses in batch:
+        for resp in responses:
+            if (prompt, resp) not in slot:
+                slot[prompt, resp] = len(seqs)
+                seqs.append(encode_pair(prompt, resp, block_size))
+            where.append(slot[prompt, resp])
+    idx, start = left_pad(seqs, device=device)  # (U, T): left-padded, so every sequence ends at column T-1
+    unique = rm(idx, start)[:, -1]  # (U,): the score at the last token (rm(...), not rm.score: rm may be in DDP)
+    return unique[torch.tensor(where, device=device)]  # (G*K,): each response's score, copies included
 
 
 @torch.no_grad()

@@ -48,10 +48,12 @@ def test_train_ppo_and_evaluate(workdir, rm_run):
     assert rm_run.returncode == 0, rm_run.stderr[-3000:]
     ppo = run("train_ppo.py", "--iters", 2, "--batch_size", 8, "--minibatch_size", 4, "--ppo_epochs", 2,
               "--max_new_tokens", 6, "--eval_interval", 2, "--eval_n", 8, "--ptx_coef", 0.1, "--ent_coef", 0.01,
+              "--lr", 2e-4, "--anneal_lr", "true",
               cwd=workdir)  # the entropy bonus path here; tests/test_resume.py runs the default (no bonus)
     assert ppo.returncode == 0, ppo.stderr[-3000:]
     ckpt = torch.load(workdir / "out" / "ppo.pt", weights_only=False)
     assert ckpt["kind"] == "ppo" and len(ckpt["history"]) == 2
+    assert [h["lr"] for h in ckpt["history"]] == pytest.approx([2e-4, 1e-4])  # annealed linearly towards 0
     last = ckpt["history"][-1]
     for key in ("score", "kl", "beta", "entropy", "clip_frac", "approx_kl", "vf_loss", "explained_var",
                 "resp_len", "no_eos", "gold", "time_s", "tokens_per_s"):

@@ -4,8 +4,8 @@ import random
 import pytest
 import torch
 
-from nanorlhf.model import GPTConfig, ScalarModel
-from nanorlhf.reward import pairwise_accuracy, ranking_loss, score_texts
+from nanorlhf.model import GPTConfig, ScalarModel, left_pad
+from nanorlhf.reward import encode_pair, pairwise_accuracy, ranking_loss, score_texts
 from train_rm import batches, group_scores
 
 
@@ -62,3 +62,29 @@ def test_group_scores_read_the_end_token():
         grouped = group_scores(rm, batch, cfg.block_size, "cpu")
         single = score_texts(rm, ["Sort: 3 1\nAnswer:"] * 2, batch[0][1])
     torch.testing.assert_close(grouped, single, atol=1e-5, rtol=1e-5)
+
+
+def test_group_scores_score_a_repeated_response_once_with_the_same_loss_and_gradient():
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16)
+    rm = ScalarModel(cfg)
+    batch = [("Sort: 3 1\nAnswer:", [" 1 3", " 3 1", " 1 3", " 1 3"]),
+             ("Count: 5 5 2\nAnswer:", [" 3", " 2", " 3", " 4"])]
+    seen = []
+    hook = rm.head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
+    scores = group_scores(rm, batch, cfg.block_size, "cpu")
+    hook.remove()
+    assert seen == [5]  # 8 responses, 5 distinct (prompt, response) pairs through the RM
+    loss = ranking_loss(scores, 4, center_coef=0.1)
+    loss.backward()
+    grad = [p.grad.clone() for p in rm.parameters()]
+    rm.zero_grad()
+    # The same loss with every copy sent through the RM on its own.
+    prompts = [p for p, rs in batch for _ in rs]
+    texts = [r for _, rs in batch for r in rs]
+    idx, start = left_pad([encode_pair(p, r, cfg.block_size) for p, r in zip(prompts, texts)])
+    every = rm(idx, start)[:, -1]  # (8,)
+    torch.testing.assert_close(scores, every, atol=1e-5, rtol=1e-5)
+    ranking_loss(every, 4, center_coef=0.1).backward()
+    for g, p in zip(grad, rm.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
