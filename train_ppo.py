@@ -223,8 +223,9 @@ def main(cfg: Config):
             rng.shuffle(order)
             pos = 0
         if cfg.anneal_lr:  # both learning rates fall linearly, from their peak at iteration 0 towards 0
-            set_lr(policy_opt, cfg.lr * (1 - it / cfg.iters))
-            set_lr(value_opt, cfg.vf_lr * (1 - it / cfg.iters))
+            frac = 1 - it / cfg.iters
+            set_lr(policy_opt, cfg.lr * frac)
+            set_lr(value_opt, cfg.vf_lr * frac)
         batch_prompts = dist.shard([prompts[i] for i in order[pos:pos + global_batch]])  # this process's prompts
         pos += global_batch
 
@@ -315,7 +316,8 @@ def main(cfg: Config):
         n_tokens = dist.sum_floats([int(resp_len.sum()) + len(batch_prompts) * P])[0]
         record = dict(
             iter=it + 1, score=dist.mean(score), rm_score=dist.mean(score[ended]),
-            kl=mean_kl, beta=beta, lr=policy_opt.param_groups[0]["lr"], entropy=s[4], clip_frac=s[2], approx_kl=s[3], pg_loss=s[0], vf_loss=s[1],
+            kl=mean_kl, beta=beta, lr=policy_opt.param_groups[0]["lr"], entropy=s[4], clip_frac=s[2],
+            approx_kl=s[3], pg_loss=s[0], vf_loss=s[1],
             vf_clip_frac=s[5], explained_var=ppo.explained_variance(old_values, returns, maskf, reduce).item(),
             resp_len=dist.mean(resp_len.float()), no_eos=1.0 - dist.mean(ended.float()),
             time_s=t3 - t0, tokens_per_s=n_tokens / (t3 - t0),
