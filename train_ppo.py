@@ -71,6 +71,10 @@ class Config:
     from SFT (KL 2.2 nats by iteration 50) with no gold gain"""
     vf_lr: float = 3e-4
     """value function learning rate (the peak if anneal_lr); 1e-4 with a policy lr of 3e-4 gave 0.824"""
+    value_embeddings: bool = False
+    """train the value function's token embeddings too (off: frozen as the RM left them, so an update skips their
+    dense 50,257 x 128 gradient and its Adam step: PPO iterations 5-9 % faster, ~80 MB less memory; held-out gold
+    in our runs 0.844 / 0.835 frozen vs 0.846 / 0.844 trained, seeds 0 / 1, within the noise of one evaluation)"""
     anneal_lr: bool = True
     """decay both learning rates linearly to 0 over the iterations (as cleanrl's PPO does): in our runs +0.01 to
     +0.02 held-out gold over a constant rate, and a rate 3x higher stays stable"""
@@ -187,6 +191,8 @@ def main(cfg: Config):
         ptx = [ex for ex in ptx if ex is not None]
     for m in (ref, rm):
         m.eval().requires_grad_(False)
+    if not cfg.value_embeddings:  # before the optimizer: it takes only the parameters that require a gradient
+        value.gpt.transformer.wte.weight.requires_grad_(False)
     policy.train(), value.train()  # dropout is 0 in all four models (GPTConfig default), so train() is exact
     policy_opt = adamw(policy, cfg.lr, betas=(0.9, 0.95))
     value_opt = adamw(value, cfg.vf_lr, betas=(0.9, 0.95))

@@ -54,6 +54,10 @@ def test_train_ppo_and_evaluate(workdir, rm_run):
     ckpt = torch.load(workdir / "out" / "ppo.pt", weights_only=False)
     assert ckpt["kind"] == "ppo" and len(ckpt["history"]) == 2
     assert [h["lr"] for h in ckpt["history"]] == pytest.approx([2e-4, 1e-4])  # annealed linearly towards 0
+    rm = torch.load(workdir / "out" / "rm.pt", weights_only=False)["model"]
+    value = ckpt["value"]  # starts as the RM; by default its token embeddings stay frozen, the rest trains
+    assert torch.equal(value["gpt.transformer.wte.weight"], rm["gpt.transformer.wte.weight"])
+    assert not torch.equal(value["gpt.transformer.h.0.mlp.c_fc.weight"], rm["gpt.transformer.h.0.mlp.c_fc.weight"])
     last = ckpt["history"][-1]
     for key in ("score", "kl", "beta", "entropy", "clip_frac", "approx_kl", "vf_loss", "explained_var",
                 "resp_len", "no_eos", "gold", "time_s", "tokens_per_s"):
@@ -63,6 +67,16 @@ def test_train_ppo_and_evaluate(workdir, rm_run):
     summary = json.loads((workdir / "out" / "eval.json").read_text())
     assert set(summary) >= {"SFT", "SFT best-of-4 (RM)", "PPO", "gain"}
     assert "| PPO |" in (workdir / "out" / "eval.md").read_text()
+
+
+def test_value_embeddings_train_when_asked(workdir, rm_run, tmp_path):
+    assert rm_run.returncode == 0, rm_run.stderr[-3000:]
+    r = run("train_ppo.py", "--iters", 1, "--batch_size", 8, "--minibatch_size", 4, "--max_new_tokens", 6,
+            "--eval_n", 0, "--value_embeddings", "true", "--out", tmp_path / "ppo.pt", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    value = torch.load(tmp_path / "ppo.pt", weights_only=False)["value"]
+    rm = torch.load(workdir / "out" / "rm.pt", weights_only=False)["model"]
+    assert not torch.equal(value["gpt.transformer.wte.weight"], rm["gpt.transformer.wte.weight"])
 
 
 def test_mismatched_rm_is_refused(workdir, rm_run, tmp_path):
