@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanorlhf import checkpoint, dist, ppo
+from nanorlhf import checkpoint, cpu, dist, ppo
 from nanorlhf.config import UserError, run
 from nanorlhf.data import load_prompts, load_sft
 from nanorlhf.datasets import load_prompt_texts
@@ -165,6 +165,8 @@ def main(cfg: Config):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = dist.setup()  # under torchrun: join the process group, this process's GPU (nanorlhf/dist.py)
+    if device == "cpu":  # glibc: reuse freed buffers instead of page-faulting fresh ones every step
+        cpu.keep_freed_memory()
     amp = dist.autocast(device, cfg.dtype)
     low_precision = dist.autocast_dtype(cfg.dtype, device) is not None  # bf16 forward passes
     generator = torch.Generator(device=device).manual_seed(cfg.seed + dist.rank())  # rollouts differ per process

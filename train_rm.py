@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanorlhf import checkpoint, dist, tasks
+from nanorlhf import checkpoint, cpu, dist, tasks
 from nanorlhf.config import UserError, run
 from nanorlhf.data import load_prompts, load_rankings, write_jsonl
 from nanorlhf.datasets import load_preferences
@@ -181,6 +181,8 @@ def main(cfg: Config):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = dist.setup()  # under torchrun: join the process group, this process's GPU (nanorlhf/dist.py)
+    if device == "cpu":  # glibc: reuse freed buffers instead of page-faulting fresh ones every step
+        cpu.keep_freed_memory()
     amp = dist.autocast(device, cfg.dtype)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + dist.rank())  # samples differ per process
     # Built-in data with several processes: each labels its share of the prompts with its own random stream, so

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanorlhf import checkpoint, dist, ops, tasks
+from nanorlhf import checkpoint, cpu, dist, ops, tasks
 from nanorlhf.config import UserError, run
 from nanorlhf.data import load_prompts
 from nanorlhf.datasets import load_demonstrations
@@ -140,6 +140,8 @@ def main(cfg: Config):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = dist.setup()  # under torchrun: join the process group, this process's GPU (nanorlhf/dist.py)
+    if device == "cpu":  # glibc: reuse freed buffers instead of page-faulting fresh ones every step
+        cpu.keep_freed_memory()
     amp = dist.autocast(device, cfg.dtype)
     resumed = checkpoint.load_resumable(cfg, "train_sft.py", kind="sft") if cfg.resume else None
     if cfg.resume and resumed is None:

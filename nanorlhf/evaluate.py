@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from nanorlhf import checkpoint, tasks
+from nanorlhf import checkpoint, cpu, tasks
 from nanorlhf.model import GPT, ScalarModel, generate, response_logprobs, response_mask
 from nanorlhf.tokenizer import decode, encode
 
@@ -113,6 +113,8 @@ def main(cfg: EvalConfig):
 
     t0 = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # glibc: reuse freed buffers instead of page-faulting fresh ones (nanorlhf/cpu.py)
+        cpu.keep_freed_memory()
     models = {}
     for name, path, made_by, kind in (("sft", cfg.sft, "train_sft.py", "sft"), ("ppo", cfg.ppo, "train_ppo.py", "ppo")):
         ckpt = checkpoint.load(path, made_by=made_by, kind=kind)
