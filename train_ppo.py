@@ -165,8 +165,7 @@ def main(cfg: Config):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = dist.setup()  # under torchrun: join the process group, this process's GPU (nanorlhf/dist.py)
-    if device == "cpu":  # glibc: reuse freed buffers instead of page-faulting fresh ones every step
-        cpu.keep_freed_memory()
+    cpu.keep_freed_memory(device)  # CPU: reuse freed buffers instead of page-faulting fresh ones every step
     amp = dist.autocast(device, cfg.dtype)
     low_precision = dist.autocast_dtype(cfg.dtype, device) is not None  # bf16 forward passes
     generator = torch.Generator(device=device).manual_seed(cfg.seed + dist.rank())  # rollouts differ per process

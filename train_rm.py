@@ -181,8 +181,7 @@ def main(cfg: Config):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = dist.setup()  # under torchrun: join the process group, this process's GPU (nanorlhf/dist.py)
-    if device == "cpu":  # glibc: reuse freed buffers instead of page-faulting fresh ones every step
-        cpu.keep_freed_memory()
+    cpu.keep_freed_memory(device)  # CPU: reuse freed buffers instead of page-faulting fresh ones every step
     amp = dist.autocast(device, cfg.dtype)
     generator = torch.Generator(device=device).manual_seed(cfg.seed + dist.rank())  # samples differ per process
     # Built-in data with several processes: each labels its share of the prompts with its own random stream, so

@@ -140,8 +140,7 @@ def main(cfg: Config):
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = dist.setup()  # under torchrun: join the process group, this process's GPU (nanorlhf/dist.py)
-    if device == "cpu":  # glibc: reuse freed buffers instead of page-faulting fresh ones every step
-        cpu.keep_freed_memory()
+    cpu.keep_freed_memory(device)  # CPU: reuse freed buffers instead of page-faulting fresh ones every step
     amp = dist.autocast(device, cfg.dtype)
     resumed = checkpoint.load_resumable(cfg, "train_sft.py", kind="sft") if cfg.resume else None
     if cfg.resume and resumed is None:

@@ -21,10 +21,11 @@ M_TRIM_THRESHOLD = -1  # glibc's mallopt parameter numbers (malloc.h)
 M_MMAP_THRESHOLD = -3
 
 
-def keep_freed_memory(mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
-    """Serve allocations below mmap_threshold from malloc's heap, and keep up to trim_threshold of free heap
-    instead of returning it. True if glibc took both settings; False (nothing changed) where there is no glibc."""
-    if not sys.platform.startswith("linux"):
+def keep_freed_memory(device: str, mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30) -> bool:
+    """On device "cpu": serve allocations below mmap_threshold from malloc's heap, and keep up to trim_threshold of
+    free heap instead of returning it. True if glibc took both settings; False (nothing changed) on a GPU device,
+    where the big buffers are the GPU's, or where there is no glibc."""
+    if device != "cpu" or not sys.platform.startswith("linux"):
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt

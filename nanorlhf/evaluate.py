@@ -113,8 +113,7 @@ def main(cfg: EvalConfig):
 
     t0 = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":  # glibc: reuse freed buffers instead of page-faulting fresh ones (nanorlhf/cpu.py)
-        cpu.keep_freed_memory()
+    cpu.keep_freed_memory(device)  # CPU: reuse freed buffers instead of page-faulting fresh ones (nanorlhf/cpu.py)
     models = {}
     for name, path, made_by, kind in (("sft", cfg.sft, "train_sft.py", "sft"), ("ppo", cfg.ppo, "train_ppo.py", "ppo")):
         ckpt = checkpoint.load(path, made_by=made_by, kind=kind)

@@ -5,10 +5,12 @@ import sys
 
 import pytest
 
+from nanorlhf import cpu
+
 PROGRAM = """
 import resource, sys, torch
 from nanorlhf import cpu
-kept = cpu.keep_freed_memory() if sys.argv[1] == "keep" else None
+kept = cpu.keep_freed_memory("cpu") if sys.argv[1] == "keep" else None
 def step():  # a training step's large buffers: 64 MB and 12 MB, every page written, then freed
     x = torch.ones(16 << 20)
     y = x[:3 << 20] + 1
@@ -40,3 +42,7 @@ def test_keep_freed_memory_reuses_a_freed_buffer():
     pages = (64 << 20) // 4096
     assert default_faults >= pages * 3 // 4  # glibc's default: 64 MB mapped afresh each step (~17,600 faults)
     assert faults < pages // 4  # kept: reused (0 in most of our runs, 3,276 in some: the 12 MB buffer)
+
+
+def test_keep_freed_memory_leaves_a_gpu_run_alone():
+    assert cpu.keep_freed_memory("cuda") is False and cpu.keep_freed_memory("cuda:1") is False
