@@ -12,12 +12,10 @@ Reads  out/sft.pt, out/rm.pt, data/prompts_train.jsonl, data/prompts_eval.jsonl
 Writes out/ppo.pt (the policy under "model", the value function under "value")
 
     python train_ppo.py
-    python train_ppo.py --benchmark    # the reference speed workload (random GPT-2-shaped models)
     torchrun --standalone --nproc_per_node=4 train_ppo.py    # 4 GPUs (DDP): each rolls out batch_size prompts
 """
 
 import random
-import resource
 import statistics
 import time
 from dataclasses import dataclass
@@ -29,12 +27,12 @@ from tqdm import tqdm
 from nanorlhf import checkpoint, cpu, dist, ppo
 from nanorlhf.config import UserError, run
 from nanorlhf.data import load_prompts, load_sft
-from nanorlhf.datasets import load_prompt_texts
 from nanorlhf.evaluate import gold_eval
 from nanorlhf.metrics import MetricsLog
-from nanorlhf.model import (GPT, GPTConfig, ScalarModel, generate, response_logprobs, response_mask,
-                            response_values)
+from nanorlhf.model import GPT, ScalarModel
 from nanorlhf.optim import adamw, set_lr
+from nanorlhf.rollout import generate, response_logprobs, response_mask, response_values
+from nanorlhf.sft import encode_example, make_batch, sft_loss
 from nanorlhf.tokenizer import encode
 
 
@@ -56,28 +54,22 @@ class Config:
     out: str = "out/ppo.pt"
     """where the checkpoint goes"""
     iters: int = 150
-    """PPO iterations (each: one batch of rollouts, then ppo_epochs over it); in our runs (annealed lr 3e-4)
-    held-out gold 0.831-0.834 after 100, 0.846 after 150, where best-of-4 with that RM was 0.841"""
+    """PPO iterations (each: one batch of rollouts, then ppo_epochs over it)"""
     batch_size: int = 128
     """prompts rolled out per iteration and process (torchrun: world_size x batch_size in all)"""
     minibatch_size: int = 16
     """rollouts per gradient step and process"""
     ppo_epochs: int = 1
-    """passes over each batch of rollouts (rollouts are cheap here: in our runs 128 rollouts x 1 epoch for 100
-    iterations gained as much gold as 64 x 2 epochs for 200, in half the time)"""
+    """passes over each batch of rollouts (Ziegler et al.: 4 epochs; rollouts are cheap on the built-in task)"""
     lr: float = 3e-4
-    """policy learning rate (Adam), the peak if anneal_lr; in our runs (100 iterations, annealed) held-out gold
-    2e-4: 0.825 (two seeds), 3e-4: 0.831-0.834, 5e-4: 0.827; held constant, 1e-4 gave 0.814 and 3e-4 drifted
-    from SFT (KL 2.2 nats by iteration 50) with no gold gain"""
+    """policy learning rate (Adam), the peak if anneal_lr"""
     vf_lr: float = 3e-4
-    """value function learning rate (the peak if anneal_lr); 1e-4 with a policy lr of 3e-4 gave 0.824"""
+    """value function learning rate (the peak if anneal_lr)"""
     value_embeddings: bool = False
     """train the value function's token embeddings too (off: frozen as the RM left them, so an update skips their
-    dense 50,257 x 128 gradient and its Adam step: PPO iterations 5-9 % faster, ~80 MB less memory; held-out gold
-    in our runs 0.844 / 0.835 frozen vs 0.846 / 0.844 trained, seeds 0 / 1, within the noise of one evaluation)"""
+    dense vocabulary x width gradient and its Adam step)"""
     anneal_lr: bool = True
-    """decay both learning rates linearly to 0 over the iterations (as cleanrl's PPO does): in our runs +0.01 to
-    +0.02 held-out gold over a constant rate, and a rate 3x higher stays stable"""
+    """decay both learning rates linearly to 0 over the iterations (as cleanrl's PPO does)"""
     temperature: float = 1.0
     """sampling temperature; the log-probs are computed at the same temperature"""
     max_new_tokens: int = 16
@@ -107,7 +99,7 @@ class Config:
     ptx_coef: float = 0.0
     """PPO-ptx (InstructGPT eq. 2): weight of the LM loss on ptx_data mixed into the policy loss"""
     ptx_data: str = "data/sft.jsonl"
-    """PPO-ptx: demonstrations {"prompt", "response"} for the LM loss (InstructGPT uses pretraining data)"""
+    """PPO-ptx: demonstrations {"prompt", "response"} for the LM loss on their responses"""
     grad_clip: float = 1.0
     """clip each model's gradient norm (0: off)"""
     eval_interval: int = 25
@@ -126,9 +118,6 @@ class Config:
     """iterations between resumable checkpoints at --out (0: only the final one)"""
     resume: bool = False
     """continue the run from its checkpoint at --out"""
-    benchmark: bool = False
-    """speed benchmark: random 4-layer 128-wide GPT-2-shaped models, 64 prompts of 16 tokens, exactly 32 new
-    tokens, 4 epochs of minibatch 16, 2 threads; prints median seconds per iteration and peak memory"""
 
 
 def load_models(cfg, device):
@@ -148,18 +137,7 @@ def load_models(cfg, device):
     return [m.to(device) for m in (policy, ref, rm, value)]
 
 
-def benchmark_models(device):
-    """Random models with the reference workload's shape (the speed does not depend on the weights)."""
-    cfg = GPTConfig(block_size=64, vocab_size=50257, n_layer=4, n_head=4, n_embd=128)
-    torch.manual_seed(0)
-    return [m.to(device) for m in (GPT(cfg), GPT(cfg), ScalarModel(cfg), ScalarModel(cfg))]
-
-
 def main(cfg: Config):
-    if cfg.benchmark:  # the reference workload of the speed benchmark (README "Speed")
-        cfg.batch_size, cfg.minibatch_size, cfg.ppo_epochs, cfg.max_new_tokens = 64, 16, 4, 32
-        cfg.threads, cfg.eval_interval = 2, 10**9
-        cfg.iters = min(cfg.iters, 6)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     if cfg.threads:
@@ -171,23 +149,15 @@ def main(cfg: Config):
     generator = torch.Generator(device=device).manual_seed(cfg.seed + dist.rank())  # rollouts differ per process
     global_batch = cfg.batch_size * dist.world_size()
     reduce = dist.all_reduce_sum if dist.world_size() > 1 else None  # whitening over every process's tokens
-    if cfg.resume and cfg.benchmark:
-        raise UserError("--resume does not go with --benchmark (a benchmark writes no checkpoint)")
     resumed = checkpoint.load_resumable(cfg, "train_ppo.py", kind="ppo") if cfg.resume else None
     if cfg.resume and resumed is None:
         return  # that run had finished
 
-    if cfg.benchmark:
-        policy, ref, rm, value = benchmark_models(device)
-        prompts = [[rng.randrange(50256) for _ in range(16)] for _ in range(global_batch)]
-        eval_prompts = []
-    else:
-        policy, ref, rm, value = load_models(cfg, device)
-        prompts = [encode(p) for p in load_prompt_texts(cfg.data or cfg.prompts)]
-        eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
+    policy, ref, rm, value = load_models(cfg, device)
+    prompts = [encode(p) for p in load_prompts(cfg.data or cfg.prompts)]
+    eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
     ptx = None
     if cfg.ptx_coef > 0:
-        from train_sft import encode_example, make_batch, sft_loss
         ptx = [encode_example(p, r, policy.config.block_size) for p, r in load_sft(cfg.ptx_data)]
         ptx = [ex for ex in ptx if ex is not None]
     for m in (ref, rm):
@@ -201,7 +171,7 @@ def main(cfg: Config):
     # scoring, evaluation, PPO-ptx's second forward and checkpoints use policy and value themselves.
     train_policy, train_value = dist.wrap(policy, device, cfg.compile), dist.wrap(value, device, cfg.compile)
     beta = cfg.init_kl_coef
-    history, iter_times, phase_times = [], [], []
+    history = []
     order, pos = list(range(len(prompts))), len(prompts)
     first_it = 0
     if resumed:  # go on from the checkpoint: weights, optimizers, beta, history, random states, prompt order
@@ -221,7 +191,7 @@ def main(cfg: Config):
 
     # out/ppo.pt -> out/ppo/metrics.jsonl; a resumed run drops the records after its checkpoint and appends
     metrics = (MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it)
-               if dist.is_main() and not cfg.benchmark else None)
+               if dist.is_main() else None)
     bar = tqdm(range(first_it, cfg.iters), initial=first_it, total=cfg.iters, desc="ppo", dynamic_ncols=True,
                mininterval=1.0, disable=not dist.is_main())
     for it in bar:
@@ -241,15 +211,14 @@ def main(cfg: Config):
         #    pass gives (tests/test_ppo.py checks it), so the PPO ratio starts at exactly 1 without recomputing.
         policy.eval()
         with amp():
-            r = generate(policy, batch_prompts, cfg.max_new_tokens, cfg.temperature, stop_at_eos=not cfg.benchmark,
-                         generator=generator)
+            r = generate(policy, batch_prompts, cfg.max_new_tokens, cfg.temperature, generator=generator)
         policy.train()
         tokens, start, P, resp_len = r["tokens"], r["start"], r["prompt_len"], r["resp_len"]
         old_logp = r["logprobs"]  # (B, R)
         R = tokens.shape[1] - P
         mask = response_mask(resp_len, R)  # (B, R): real response tokens
         maskf = mask.float()
-        ended = r["ended"] | torch.tensor(cfg.benchmark, device=device)
+        ended = r["ended"]  # (B,)
         t1 = time.time()
 
         with torch.no_grad(), amp():
@@ -338,11 +307,9 @@ def main(cfg: Config):
         history.append(record)
         if metrics:
             metrics.log(it + 1, **{k: v for k, v in record.items() if k != "iter"})
-        iter_times.append(t3 - t0)
-        phase_times.append((t1 - t0, t2 - t1, t3 - t2))
         bar.set_postfix(score=f"{record['score']:+.2f}", kl=f"{mean_kl:.2f}", beta=f"{beta:.3f}",
                         clip=f"{s[2]:.2f}", len=f"{record['resp_len']:.1f}", s_it=f"{t3 - t0:.1f}")
-        if not cfg.benchmark and cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.iters:
+        if cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.iters:
             rngs = dist.all_gather_objects(checkpoint.rng_state(rng, generator))  # each process samples its own
             if dist.is_main():
                 checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg),
@@ -351,16 +318,6 @@ def main(cfg: Config):
                                             rng=rngs, order=order, pos=pos))
     bar.close()
 
-    if cfg.benchmark:
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-        rest = phase_times[1:] or phase_times
-        med = statistics.median(iter_times[1:] or iter_times)
-        parts = [statistics.median(p[i] for p in rest) for i in range(3)]
-        dist.print0(f"benchmark: median {med:.2f} s per iteration over iterations 2..{len(iter_times)} "
-              f"(generation {parts[0]:.2f} s, scoring {parts[1]:.2f} s, update {parts[2]:.2f} s); "
-              f"peak RSS {rss_mb:.0f} MB; torch {torch.__version__}, {torch.get_num_threads()} threads")
-        dist.cleanup()
-        return
     if dist.is_main():
         checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg),
                         history=history, beta=beta, step=cfg.iters)

@@ -13,7 +13,6 @@ Reads  out/sft.pt; data/prompts_train.jsonl and data/prompts_eval.jsonl (default
 Writes out/rm.pt; out/rankings_train.jsonl and out/rankings_eval.jsonl (default)
 """
 
-import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -24,13 +23,12 @@ from tqdm import tqdm
 
 from nanorlhf import checkpoint, cpu, dist, tasks
 from nanorlhf.config import UserError, run
-from nanorlhf.data import load_prompts, load_rankings, write_jsonl
-from nanorlhf.datasets import load_preferences
+from nanorlhf.data import load_preferences, load_prompts, load_rankings, write_jsonl
 from nanorlhf.metrics import MetricsLog
-from nanorlhf.evaluate import as_response, sample_responses
-from nanorlhf.model import GPT, ScalarModel, left_pad
+from nanorlhf.model import GPT, ScalarModel
 from nanorlhf.optim import adamw, lr_at, set_lr
-from nanorlhf.reward import encode_pair, pairwise_accuracy, ranking_loss, score_texts
+from nanorlhf.reward import accuracy, batches, group_scores, normalise_head, ranking_loss, score_texts
+from nanorlhf.rollout import as_response, sample_responses
 
 
 @dataclass
@@ -51,13 +49,11 @@ class Config:
     out: str = "out/rm.pt"
     """where the checkpoint goes"""
     n_prompts: int = 4000
-    """built-in data: training prompts to label (our runs, K = 4, 4 epochs, held-out accuracy vs gold: 1,500
-    prompts 0.68-0.74, 4,000 prompts 0.78-0.80)"""
+    """built-in data: training prompts to sample K responses for and rank"""
     n_eval: int = 250
     """built-in data: held-out prompts to label"""
     k: int = 8
-    """built-in data: responses sampled and ranked per prompt (InstructGPT: 4 to 9); K = 8 gives 28 pairs per
-    prompt, and in our runs 0.79-0.81 held-out accuracy vs gold, where K = 4 gave 0.78-0.80 and PPO gained less"""
+    """built-in data: responses sampled and ranked per prompt, giving C(K, 2) pairs (InstructGPT: K = 4 to 9)"""
     label_noise: float = 0.1
     """built-in labeler's noise: P(a ranked above b) = sigmoid((gold_a - gold_b) / label_noise)"""
     temperature: float = 1.0
@@ -69,12 +65,10 @@ class Config:
     batch_size: int = 16
     """prompts (each with all of its K responses) per step and process (torchrun: world_size x batch_size in all)"""
     epochs: int = 6
-    """passes over the rankings (InstructGPT: one, as more overfit its large RMs; this small RM still underfits
-    after one: on one set of rankings, held-out accuracy vs gold 0.815 after 4 epochs, 0.827-0.830 after 6, 0.836
-    after 8; PPO on the 6- and 8-epoch RMs reached the same held-out gold, 0.843 vs 0.835-0.844, and 6 take ~55 s
-    less)"""
+    """passes over the rankings (InstructGPT: one, as more overfit its large RMs; this small RM underfits after
+    one)"""
     lr: float = 3e-4
-    """peak learning rate (1e-3 was worse and erratic in our runs: 0.67-0.74 vs gold)"""
+    """peak learning rate (warm-up, then cosine decay to a tenth of it)"""
     warmup_iters: int = 10
     """linear warm-up steps"""
     weight_decay: float = 0.0
@@ -114,65 +108,6 @@ def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, g
         order = tasks.rank(prompt, responses, rng, noise)
         records.append({"prompt": prompt, "responses": [responses[j] for j in order]})
     return records
-
-
-def batches(groups, batch_size, rng):
-    """Shuffled batches of groups with the same K (rankings of different K cannot share a (G, K) view)."""
-    by_k = {}
-    for g in groups:
-        by_k.setdefault(len(g[1]), []).append(g)
-    out = []
-    for same_k in by_k.values():
-        rng.shuffle(same_k)
-        out += [same_k[i:i + batch_size] for i in range(0, len(same_k), batch_size)]
-    rng.shuffle(out)
-    return out
-
-
-def group_scores(rm, batch, block_size, device):
-    """RM scores for a batch of (prompt, responses) groups with the same K: (G * K,), group-major.
-
-    Each distinct (prompt, response) goes through the RM once and its score is reused for every copy: sampled
-    responses repeat (39 % of the built-in task's K = 8 SFT samples repeat one of their group's), and a copy's
-    score and gradient are exactly those of the original, so the loss and its gradient are unchanged."""
-    seqs, where, slot = [], [], {}
-    for prompt, responses in batch:
-        for resp in responses:
-            if (prompt, resp) not in slot:
-                slot[prompt, resp] = len(seqs)
-                seqs.append(encode_pair(prompt, resp, block_size))
-            where.append(slot[prompt, resp])
-    idx, start = left_pad(seqs, device=device)  # (U, T): left-padded, so every sequence ends at column T-1
-    unique = rm(idx, start)[:, -1]  # (U,): the score at the last token (rm(...), not rm.score: rm may be in DDP)
-    return unique[torch.tensor(where, device=device)]  # (G*K,): each response's score, copies included
-
-
-@torch.no_grad()
-def normalise_head(rm, mean, scale):
-    """r -> (r - mean) * scale, folded into the scalar head: w' = w * scale, b' = (b - mean) * scale."""
-    rm.head.weight.mul_(scale)
-    rm.head.bias.sub_(mean).mul_(scale)
-
-
-@torch.no_grad()
-def evaluate(rm, groups):
-    """Held-out accuracy of the RM against the rankings, and (built-in task) against the gold score."""
-    rm.eval()
-    flat = score_texts(rm, [p for p, rs in groups for _ in rs], [r for _, rs in groups for r in rs]).tolist()
-    starts = list(itertools.accumulate((len(rs) for _, rs in groups), initial=0))
-    scores = [flat[a:b] for a, b in zip(starts, starts[1:])]  # back into one list per group
-    rm.train()
-    in_order = [list(range(len(rs))) for _, rs in groups]  # rankings are stored best first
-    same = [[hash(r) for r in rs] for _, rs in groups]  # identical responses have no right order
-    result = dict(acc_labels=pairwise_accuracy(scores, in_order, same))
-    if all(tasks.is_task_prompt(p) for p, _ in groups):
-        gold = [[tasks.gold_score(p, r) for r in rs] for p, rs in groups]
-        by_gold = [sorted(range(len(g)), key=lambda i: -g[i]) for g in gold]
-        result["acc_gold"] = pairwise_accuracy(scores, by_gold, gold)
-        # The ceiling: how often the (noisy) labels themselves agree with the gold score.
-        label_scores = [[-i for i in range(len(rs))] for _, rs in groups]  # best first = highest
-        result["acc_labels_vs_gold"] = pairwise_accuracy(label_scores, by_gold, gold)
-    return result
 
 
 def main(cfg: Config):
@@ -292,9 +227,9 @@ def main(cfg: Config):
 
     # 4. Held-out accuracy, beside the ceiling the labels' own noise allows.
     with amp():
-        result = evaluate(rm, held_out)
-        # Train accuracy stays near held-out in our runs (6-8 epochs: 0.77-0.79 vs 0.75-0.78): this RM underfits.
-        train_acc, _ = evaluate(rm, train[:len(held_out)])["acc_labels"]
+        result = accuracy(rm, held_out)
+        # Train accuracy beside held-out: far above it, the RM overfits; near it, it underfits.
+        train_acc, _ = accuracy(rm, train[:len(held_out)])["acc_labels"]
     acc, n = result["acc_labels"]
     msg = f"pairwise accuracy vs the labels: train {train_acc:.3f}, held-out {acc:.3f} ({n} pairs)"
     if "acc_gold" in result:

@@ -8,7 +8,7 @@ next-token loss. Only the response tokens are scored, the prompt is context:
 Reads  data/sft.jsonl (made from the built-in task if missing), data/prompts_eval.jsonl (held-out gold score)
 Writes out/sft.pt
 
-    python train_sft.py                      # the built-in task, a fresh 4-layer GPT, about 3 minutes on 2 cores
+    python train_sft.py                      # the built-in task, a fresh 4-layer GPT (~70 s on 2 CPU cores)
     python train_sft.py --max_iters 50 --lr 3e-4 --data my_demos.jsonl
     torchrun --standalone --nproc_per_node=4 train_sft.py     # 4 GPUs (DDP): 4 x batch_size examples per step
 """
@@ -21,15 +21,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanorlhf import checkpoint, cpu, dist, ops, tasks
+from nanorlhf import checkpoint, cpu, dist, tasks
 from nanorlhf.config import UserError, run
-from nanorlhf.data import load_prompts
-from nanorlhf.datasets import load_demonstrations
-from nanorlhf.metrics import MetricsLog
+from nanorlhf.data import load_demonstrations, load_prompts
 from nanorlhf.evaluate import gold_eval
-from nanorlhf.model import GPT, GPTConfig, left_pad
+from nanorlhf.metrics import MetricsLog
+from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.optim import adamw, lr_at, set_lr
-from nanorlhf.tokenizer import encode
+from nanorlhf.pretrained import load_gpt2
+from nanorlhf.sft import encode_example, make_batch, sft_loss, val_loss
 
 
 @dataclass
@@ -93,47 +93,6 @@ class Config:
     """continue the run from its checkpoint at --out"""
 
 
-def encode_example(prompt, response, block_size):
-    """(tokens, number of response tokens). Too long for block_size: prompt tokens go first, from the left."""
-    p, r = encode(prompt), encode(response)
-    if len(r) >= block_size:
-        return None  # the response alone does not fit: the caller reports it
-    keep = block_size - len(r)
-    return p[-keep:] + r, len(r)
-
-
-def make_batch(examples, device):
-    """Left-padded batch: idx (B, T), start (B,), and the mask of target columns (B, T - 1) for the response."""
-    idx, start = left_pad([toks for toks, _ in examples], device=device)  # (B, T), (B,)
-    T = idx.shape[1]
-    n_resp = torch.tensor([n for _, n in examples], device=device)  # (B,)
-    # Left padding puts every response at the right end: column c is a response token iff c >= T - n_resp.
-    # The hidden state at column c - 1 predicts the token at column c.
-    target_cols = torch.arange(1, T, device=device)  # (T - 1,)
-    mask = target_cols[None, :] >= (T - n_resp)[:, None]  # (B, T - 1)
-    return idx, start, mask
-
-
-def sft_loss(model, idx, start, mask):
-    """Mean -log pi(y_t) over the response tokens of the batch (the LM head only runs on them)."""
-    hidden = model(idx, start)  # (B, T, C)
-    h = hidden[:, :-1][mask]  # (N, C): states that predict a response token
-    y = idx[:, 1:][mask]  # (N,): the tokens they predict
-    logp = ops.token_logprobs(h, dist.unwrap(model).lm_head.weight, y)  # (N,); model may be a DDP wrapper
-    return -logp.mean(), y.numel()
-
-
-@torch.no_grad()
-def val_loss(model, examples, batch_size, device):
-    model.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        loss, n = sft_loss(model, *make_batch(examples[i:i + batch_size], device))
-        total, count = total + loss.item() * n, count + n
-    model.train()
-    return total / count
-
-
 def main(cfg: Config):
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -146,12 +105,12 @@ def main(cfg: Config):
     if cfg.resume and resumed is None:
         return  # that run had finished
 
-    # Model: fresh, or from a checkpoint.
+    # 1. The model: a fresh GPT, GPT-2 weights, or a checkpoint.
     if resumed:  # as it was at the checkpoint; the optimizer, data order and random states are put back below
         model = GPT(replace(checkpoint.model_config(resumed), dropout=cfg.dropout))
         model.load_state_dict(resumed["model"])
     elif cfg.init_from and not cfg.init_from.endswith(".pt"):
-        model = GPT.from_pretrained(cfg.init_from, dropout=cfg.dropout)
+        model = load_gpt2(cfg.init_from, dropout=cfg.dropout)
     elif cfg.init_from:
         ckpt = checkpoint.load(cfg.init_from, made_by="train_sft.py")
         if ckpt["kind"] not in ("sft", "ppo"):
@@ -164,7 +123,7 @@ def main(cfg: Config):
     model.to(device)
     block_size = model.config.block_size
 
-    # Data: the default path is written from the built-in task the first time.
+    # 2. The demonstrations (the default path is written from the built-in task the first time).
     if dist.is_main() and not Path(cfg.data).exists() and cfg.data == Config.data:
         print(f"{cfg.data} not found: writing the built-in task's data (python -m nanorlhf.tasks)")
         tasks.write_default_data(tasks.TaskConfig(out=str(Path(cfg.data).parent)))
@@ -185,6 +144,8 @@ def main(cfg: Config):
     dist.print0(f"SFT: {len(train)} train / {len(val)} val demonstrations, GPT {model.num_params() / 1e6:.2f}M params "
           f"({model.config.n_layer} layers, {model.config.n_embd} wide), device {device}")
 
+    # 3. Train: the next-token loss on response tokens (nanorlhf/sft.py), warm-up then cosine learning rate;
+    #    validation loss and held-out gold score every eval_interval steps.
     optimizer = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
     train_model = dist.wrap(model, device, cfg.compile)  # DDP with several processes; `model` for the rest
     global_batch = cfg.batch_size * dist.world_size()
@@ -246,6 +207,8 @@ def main(cfg: Config):
                             resume=dict(optimizer=optimizer.state_dict(), rng=checkpoint.rng_state(rng), order=order,
                                         pos=pos, tokens_seen=tokens_seen, elapsed=time.time() - t0))
     bar.close()
+
+    # 4. Save the fine-tuned model: the policy's start and the reference of stages 2 and 3.
     elapsed = time.time() - t0
     if dist.is_main():
         checkpoint.save(cfg.out, model, kind="sft", train_config=vars(cfg), history=history, step=cfg.max_iters)

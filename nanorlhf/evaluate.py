@@ -1,4 +1,4 @@
-"""Sampling for evaluation, the held-out gold score, and the final comparison table of `make demo`.
+"""The held-out gold score, and the final comparison table of `make demo`.
 
     python -m nanorlhf.evaluate      # SFT vs SFT best-of-4 (reranked by the RM) vs PPO on held-out prompts
 
@@ -17,41 +17,11 @@ from pathlib import Path
 import torch
 
 from nanorlhf import checkpoint, cpu, tasks
-from nanorlhf.model import GPT, ScalarModel, generate, response_logprobs, response_mask
-from nanorlhf.tokenizer import decode, encode
-
-
-def rollouts(model, prompts, max_new_tokens, temperature=1.0, batch_size=64, generator=None, ref=None):
-    """One sampled response per prompt: [(text without <|endoftext|>, ended, sum log pi - log ref or None)]."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        batch = [encode(p) for p in prompts[i:i + batch_size]]
-        r = generate(model, batch, max_new_tokens, temperature=temperature, generator=generator)
-        P, L = r["prompt_len"], r["resp_len"]
-        kl = [None] * len(batch)
-        if ref is not None:  # log-ratio of the whole response under model vs ref, at the same temperature
-            with torch.no_grad():
-                mask = response_mask(L, r["tokens"].shape[1] - P)
-                ref_logp = response_logprobs(ref, r["tokens"], r["start"], P, mask, temperature)
-                kl = ((r["logprobs"] - ref_logp) * mask).sum(1).tolist()
-        for b in range(len(batch)):
-            toks = r["tokens"][b, P:P + int(L[b])].tolist()
-            ended = bool(r["ended"][b])
-            out.append((decode(toks[:-1] if ended else toks), ended, kl[b]))
-    model.train(was_training)
-    return out
-
-
-def as_response(text, ended):
-    """A sampled text as a response the RM scores: with <|endoftext|> if the model produced it."""
-    return text + "<|endoftext|>" if ended else text
-
-
-def sample_responses(model, prompts, max_new_tokens, temperature=1.0, batch_size=64, generator=None):
-    """One sampled response per prompt: [(text without <|endoftext|>, ended with it)]."""
-    return [(t, e) for t, e, _ in rollouts(model, prompts, max_new_tokens, temperature, batch_size, generator)]
+from nanorlhf.config import run
+from nanorlhf.data import load_prompts
+from nanorlhf.model import GPT, ScalarModel
+from nanorlhf.reward import score_texts
+from nanorlhf.rollout import as_response, rollouts, sample_responses
 
 
 def mean_stderr(xs):
@@ -108,9 +78,6 @@ class EvalConfig:
 
 
 def main(cfg: EvalConfig):
-    from nanorlhf.data import load_prompts
-    from nanorlhf.reward import score_texts
-
     t0 = time.time()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu.keep_freed_memory(device)  # CPU: reuse freed buffers instead of page-faulting fresh ones (nanorlhf/cpu.py)
@@ -168,6 +135,4 @@ def main(cfg: EvalConfig):
 
 
 if __name__ == "__main__":
-    from nanorlhf.config import run
-
     run(main, EvalConfig)

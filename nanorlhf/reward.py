@@ -15,6 +15,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from nanorlhf import tasks
 from nanorlhf.model import left_pad
 from nanorlhf.tokenizer import encode
 
@@ -58,6 +59,65 @@ def score_texts(rm, prompts: list[str], responses: list[str], batch_size=64) -> 
     """RM score of (prompt, response) pairs (B,)."""
     block_size = rm.config.block_size
     return score_sequences(rm, [encode_pair(p, r, block_size) for p, r in zip(prompts, responses)], batch_size)
+
+
+def batches(groups, batch_size, rng):
+    """Shuffled batches of groups with the same K (rankings of different K cannot share a (G, K) view)."""
+    by_k = {}
+    for g in groups:
+        by_k.setdefault(len(g[1]), []).append(g)
+    out = []
+    for same_k in by_k.values():
+        rng.shuffle(same_k)
+        out += [same_k[i:i + batch_size] for i in range(0, len(same_k), batch_size)]
+    rng.shuffle(out)
+    return out
+
+
+def group_scores(rm, batch, block_size, device):
+    """RM scores for a batch of (prompt, responses) groups with the same K: (G * K,), group-major.
+
+    Each distinct (prompt, response) goes through the RM once and its score is reused for every copy: sampled
+    responses repeat (39 % of the built-in task's K = 8 SFT samples repeat one of their group's), and a copy's
+    score and gradient are exactly those of the original, so the loss and its gradient are unchanged."""
+    seqs, where, slot = [], [], {}
+    for prompt, responses in batch:
+        for resp in responses:
+            if (prompt, resp) not in slot:
+                slot[prompt, resp] = len(seqs)
+                seqs.append(encode_pair(prompt, resp, block_size))
+            where.append(slot[prompt, resp])
+    idx, start = left_pad(seqs, device=device)  # (U, T): left-padded, so every sequence ends at column T-1
+    unique = rm(idx, start)[:, -1]  # (U,): the score at the last token (rm(...), not rm.score: rm may be in DDP)
+    return unique[torch.tensor(where, device=device)]  # (G*K,): each response's score, copies included
+
+
+@torch.no_grad()
+def normalise_head(rm, mean, scale):
+    """r -> (r - mean) * scale, folded into the scalar head: w' = w * scale, b' = (b - mean) * scale."""
+    rm.head.weight.mul_(scale)
+    rm.head.bias.sub_(mean).mul_(scale)
+
+
+@torch.no_grad()
+def accuracy(rm, groups):
+    """Held-out accuracy of the RM against the rankings, and (built-in task) against the gold score."""
+    rm.eval()
+    flat = score_texts(rm, [p for p, rs in groups for _ in rs], [r for _, rs in groups for r in rs]).tolist()
+    starts = list(itertools.accumulate((len(rs) for _, rs in groups), initial=0))
+    scores = [flat[a:b] for a, b in zip(starts, starts[1:])]  # back into one list per group
+    rm.train()
+    in_order = [list(range(len(rs))) for _, rs in groups]  # rankings are stored best first
+    same = [[hash(r) for r in rs] for _, rs in groups]  # identical responses have no right order
+    result = dict(acc_labels=pairwise_accuracy(scores, in_order, same))
+    if all(tasks.is_task_prompt(p) for p, _ in groups):
+        gold = [[tasks.gold_score(p, r) for r in rs] for p, rs in groups]
+        by_gold = [sorted(range(len(g)), key=lambda i: -g[i]) for g in gold]
+        result["acc_gold"] = pairwise_accuracy(scores, by_gold, gold)
+        # The ceiling: how often the (noisy) labels themselves agree with the gold score.
+        label_scores = [[-i for i in range(len(rs))] for _, rs in groups]  # best first = highest
+        result["acc_labels_vs_gold"] = pairwise_accuracy(label_scores, by_gold, gold)
+    return result
 
 
 def pairwise_accuracy(scores: list[list[float]], orders: list[list[int]], values=None):

@@ -18,7 +18,9 @@ import torch
 
 from nanorlhf import checkpoint
 from nanorlhf.config import UserError, run
-from nanorlhf.model import GPT, generate
+from nanorlhf.model import GPT
+from nanorlhf.pretrained import load_gpt2
+from nanorlhf.rollout import generate
 from nanorlhf.tokenizer import EOT, decode, encode
 
 END = "<|endoftext|>"
@@ -49,8 +51,6 @@ class Config:
 def load_policy(path, device="cpu") -> GPT:
     """A GPT in eval mode from a nanorlhf checkpoint (sft or ppo) or a Hugging Face GPT-2 directory."""
     if Path(path).is_dir():
-        from nanorlhf.pretrained import load_gpt2
-
         model = load_gpt2(path)
     else:
         ckpt = checkpoint.load(path, made_by="train_sft.py", finished=False)  # a mid-run model talks too

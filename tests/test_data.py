@@ -1,8 +1,11 @@
+import json
+
 import pytest
 
+from conftest import HH, HH_PROMPT, TLDR, TLDR_PROMPT
 from nanorlhf import checkpoint
 from nanorlhf.config import UserError
-from nanorlhf.data import load_prompts, load_rankings, load_sft, write_jsonl
+from nanorlhf.data import load_demonstrations, load_preferences, load_prompts, load_rankings, load_sft, write_jsonl
 
 
 def write(path, text):
@@ -64,3 +67,93 @@ def test_a_mid_run_checkpoint_is_refused_downstream(tmp_path):
                                         r"--resume`"):
         checkpoint.load(tmp_path / "rm.pt", made_by="train_rm.py", kind="rm")
     assert checkpoint.load(tmp_path / "rm.pt", made_by="train_rm.py", kind="rm", finished=False)["step"] == 3
+
+
+E = "<|endoftext|>"
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_hh_pairs_split_at_the_last_assistant_turn(tmp_path):
+    write_jsonl(tmp_path / "hh.jsonl", [HH])
+    assert load_preferences(tmp_path / "hh.jsonl") == [(HH_PROMPT, [" It is 4." + E, " Why do you ask?" + E])]
+
+
+def test_hh_demonstrations_use_the_chosen_reply(tmp_path):
+    write_jsonl(tmp_path / "hh.jsonl", [HH, {"chosen": "\n\nHuman: Yo\n\nAssistant: Hey" + E}])
+    assert load_demonstrations(tmp_path / "hh.jsonl") == [(HH_PROMPT, " It is 4." + E),
+                                                          ("\n\nHuman: Yo\n\nAssistant:", " Hey" + E)]
+
+
+def test_tldr_comparisons_put_the_chosen_summary_first(tmp_path):
+    three = dict(TLDR, info={"post": "p"}, summaries=[{"text": " a"}, {"text": " b"}, {"text": " c"}], choice=2)
+    write_jsonl(tmp_path / "c.jsonl", [TLDR, three])
+    assert load_preferences(tmp_path / "c.jsonl") == [
+        (TLDR_PROMPT, [" my cat ignores me, help" + E, " cat is aloof" + E]),
+        ("POST: p\nTL;DR:", [" c" + E, " a" + E]),  # only the best is known: K - 1 pairs, no invented order
+        ("POST: p\nTL;DR:", [" c" + E, " b" + E]),
+    ]
+
+
+def test_tldr_demonstrations_nested_and_flat(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"info": TLDR["info"], "summary": "cat is aloof"},
+                                       {"info": {"post": "x", "subreddit": "r/AskReddit"}, "summary": {"text": " y"}}])
+    assert load_demonstrations(tmp_path / "d.jsonl") == [(TLDR_PROMPT, " cat is aloof" + E),
+                                                         ("SUBREDDIT: r/AskReddit\nPOST: x\nTL;DR:", " y" + E)]
+    write_jsonl(tmp_path / "flat.jsonl", [{"id": "1", "subreddit": "cats", "title": "Cat trouble",
+                                           "post": "My cat ignores me.", "summary": " aloof cat"}])
+    assert load_demonstrations(tmp_path / "flat.jsonl") == [(TLDR_PROMPT, " aloof cat" + E)]
+
+
+def test_our_own_formats_pass_through(tmp_path):
+    write_jsonl(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["a", "b", "c"]}])
+    assert load_preferences(tmp_path / "r.jsonl") == [("p", ["a" + E, "b" + E, "c" + E])]
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert load_preferences(tmp_path / "pairs.jsonl") == [("p", ["a" + E, "b" + E])]
+    write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "response": " r"}])
+    assert load_demonstrations(tmp_path / "sft.jsonl") == [("p", " r" + E)]
+
+
+BAD_PREFERENCES = [
+    ([HH, dict(HH, rejected="\n\nHuman: Bye\n\nAssistant: ok")], "x.jsonl:2: fields 'chosen' and 'rejected' differ"),
+    ([dict(HH, chosen="\n\nHuman: no reply here")], "x.jsonl:1: field 'chosen': no '\\n\\nAssistant:' turn"),
+    ([HH, {"chosen": HH["chosen"]}], "x.jsonl:2: missing field 'rejected'"),
+    ([TLDR, dict(TLDR, choice=2)], "x.jsonl:2: field 'choice' is 2"),
+    ([dict(TLDR, info={"article": "cnn", "site": "cnn"})], "x.jsonl:1: field 'info.post' is missing"),
+    ([dict(TLDR, summaries=[{"text": "a"}, {"txt": "b"}])], "x.jsonl:1: field 'summaries[1].text'"),
+    ([dict(TLDR, summaries=[{"text": "a"}])], "x.jsonl:1: field 'summaries' must hold at least 2"),
+    ([TLDR, dict(TLDR, choice="1")], "x.jsonl:2: field 'choice' must be int"),
+    ([dict(TLDR, info=dict(TLDR["info"], title=7))], "x.jsonl:1: field 'info.title' must be a string"),
+    ([{"question": "q", "answer": "a"}], "unknown format (the first record has fields ['answer', 'question'])"),
+]
+
+
+@pytest.mark.parametrize("records,message", BAD_PREFERENCES)
+def test_bad_preference_records_name_file_line_and_field(tmp_path, records, message):
+    write_jsonl(tmp_path / "x.jsonl", records)
+    with pytest.raises(UserError) as e:
+        load_preferences(tmp_path / "x.jsonl")
+    assert message in str(e.value) and "\n" not in str(e.value).replace("\\n", "")
+
+
+@pytest.mark.parametrize("records,message", [
+    ([{"info": {"title": "t"}, "summary": "s"}], "x.jsonl:1: field 'info.post' is missing"),
+    ([{"post": "p", "summary": 3}], "x.jsonl:1: field 'summary' must be a string"),
+    ([HH, {"rejected": "x"}], "x.jsonl:2: missing field 'chosen'"),
+    ([{"prompt": "p", "completion": "c"}], "unknown format"),
+])
+def test_bad_demonstration_records(tmp_path, records, message):
+    write_jsonl(tmp_path / "x.jsonl", records)
+    with pytest.raises(UserError) as e:
+        load_demonstrations(tmp_path / "x.jsonl")
+    assert message in str(e.value)
+
+
+def test_not_json_and_missing_file(tmp_path):
+    write_lines(tmp_path / "x.jsonl", [json.dumps(HH), '{"chosen": '])
+    with pytest.raises(UserError, match="x.jsonl:2: not valid JSON"):
+        load_preferences(tmp_path / "x.jsonl")
+    with pytest.raises(UserError, match="no such file"):
+        load_demonstrations(tmp_path / "nope.jsonl")

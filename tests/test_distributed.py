@@ -16,15 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_pipeline import ROOT, TINY
-
-sys.path.insert(0, str(ROOT))
-
-import train_rm  # noqa: E402
-import train_sft  # noqa: E402
-from nanorlhf import checkpoint, dist, ops, ppo, tasks  # noqa: E402
-from nanorlhf.config import parse_args  # noqa: E402
-from nanorlhf.model import GPT, GPTConfig, ScalarModel, generate, response_logprobs, response_mask  # noqa: E402
+from conftest import ROOT, TINY, load_script
+from nanorlhf import checkpoint, dist, ops, ppo, tasks
+from nanorlhf.config import parse_args
+from nanorlhf.model import GPT, GPTConfig, ScalarModel
+from nanorlhf.rollout import generate, response_logprobs, response_mask
+from nanorlhf.sft import make_batch, sft_loss
 
 WORKER = ROOT / "tests" / "dist_worker.py"
 
@@ -91,7 +88,7 @@ def test_sft_two_processes_match_one_with_the_doubled_batch(workdir, tmp_path, o
     assert_identical(r0["model"], r1["model"])
     assert run.stdout.count("SFT done") == 1 and run.stdout.count("SFT: 57 train") == 1  # rank 0 alone prints
     assert len((workdir / "out" / "sft2" / "metrics.jsonl").read_text().splitlines()) == 1
-    one = one_process(train_sft, *SFT_ARGS, "--batch_size", 8, "--out", "out/sft1.pt", cwd=workdir)
+    one = one_process(load_script("train_sft"), *SFT_ARGS, "--batch_size", 8, "--out", "out/sft1.pt", cwd=workdir)
     assert max_diff(r0["model"], one["model"]) < 1e-5
     torch.manual_seed(0)
     init = GPT(GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=32)).state_dict()
@@ -108,7 +105,7 @@ def test_rm_two_processes_match_one_with_the_doubled_batch(workdir, tmp_path, on
     run, (r0, r1) = torchrun(tmp_path, "train_rm", *RM_ARGS, "--batch_size", 4, "--out", "out/rm2.pt", cwd=workdir)
     assert_identical(r0["rm"], r1["rm"])  # the head's bias too: rank 0's normalisation is broadcast
     assert run.stdout.count("RM done") == 1
-    one = one_process(train_rm, *RM_ARGS, "--batch_size", 8, "--out", "out/rm1.pt", cwd=workdir)
+    one = one_process(load_script("train_rm"), *RM_ARGS, "--batch_size", 8, "--out", "out/rm1.pt", cwd=workdir)
     # The ranking loss sees only differences of scores, so the gradient of ln_f's bias (which shifts every score
     # alike) is 0 up to rounding, which Adam turns into steps of up to lr either way; the normalisation's shift of
     # head.bias follows it. Everything else must agree.
@@ -198,14 +195,14 @@ def test_compile_wraps_a_model_that_trains_the_same(monkeypatch):
     monkeypatch.setenv("NANORLHF_KERNELS", "torch")
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
-    batch = train_sft.make_batch([([1, 2, 3, 4, 5], 2), ([6, 7, 8], 1)], "cpu")
+    batch = make_batch([([1, 2, 3, 4, 5], 2), ([6, 7, 8], 1)], "cpu")
     compiled = dist.wrap(model, "cpu", compile=True)
     assert compiled is not model and dist.unwrap(compiled) is model
-    loss, _ = train_sft.sft_loss(compiled, *batch)
+    loss, _ = sft_loss(compiled, *batch)
     loss.backward()
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    eager, _ = train_sft.sft_loss(model, *batch)
+    eager, _ = sft_loss(model, *batch)
     eager.backward()
     torch.testing.assert_close(loss, eager)
     for g, p in zip(grads, model.parameters()):

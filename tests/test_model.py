@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from nanorlhf.model import GPT, GPTConfig, ScalarModel, draw, generate, left_pad, sample_token
+from nanorlhf.model import GPT, GPTConfig, ScalarModel, left_pad
+from nanorlhf.rollout import draw, generate, sample_token
 from nanorlhf.tokenizer import EOT, PAD
 
 TINY = GPTConfig(block_size=48, vocab_size=97, n_layer=2, n_head=2, n_embd=32)

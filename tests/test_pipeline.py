@@ -1,32 +1,13 @@
 """Tiny end-to-end runs of train_rm.py, train_ppo.py and the final evaluation (seconds, not minutes)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from nanorlhf import checkpoint, tasks
-from nanorlhf.model import GPT, GPTConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16)
-
-
-def run(script, *args, cwd):
-    cmd = [sys.executable, *([str(ROOT / script)] if script.endswith(".py") else ["-m", script]), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pipeline")
-    tasks.write_default_data(tasks.TaskConfig(out=str(d / "data"), n_sft=50, n_train_prompts=40, n_eval_prompts=20))
-    torch.manual_seed(0)
-    checkpoint.save(d / "out" / "sft.pt", GPT(TINY), kind="sft")
-    return d
+from conftest import run
+from nanorlhf import checkpoint
+from nanorlhf.model import GPTConfig, ScalarModel
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +62,6 @@ def test_value_embeddings_train_when_asked(workdir, rm_run, tmp_path):
 
 def test_mismatched_rm_is_refused(workdir, rm_run, tmp_path):
     other = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=32)
-    from nanorlhf.model import ScalarModel
     checkpoint.save(tmp_path / "rm.pt", ScalarModel(other), kind="rm")
     r = run("train_ppo.py", "--rm", tmp_path / "rm.pt", "--iters", 1, cwd=workdir)
     assert r.returncode == 2 and "Traceback" not in r.stderr

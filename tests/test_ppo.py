@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from nanorlhf import ppo
-from nanorlhf.model import GPT, GPTConfig, generate, response_logprobs, response_mask
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.rollout import generate, response_logprobs, response_mask
 
 
 def test_gae_matches_a_plain_loop():

@@ -15,15 +15,12 @@ import time
 import pytest
 import torch
 
-import train_sft
+from conftest import HH, HH_PROMPT, ROOT, TINY, TLDR, TLDR_PROMPT, load_script
 from nanorlhf import checkpoint
 from nanorlhf.config import UserError
-from nanorlhf.data import write_jsonl
-from nanorlhf.datasets import load_prompt_texts
+from nanorlhf.data import load_prompts, write_jsonl
 from nanorlhf.metrics import MetricsLog, read_metrics
 from nanorlhf.model import ScalarModel
-from test_datasets import HH, HH_PROMPT, TLDR, TLDR_PROMPT
-from test_pipeline import ROOT, TINY, workdir  # noqa: F401 (workdir: the built-in task's data, a tiny out/sft.pt)
 
 TIMES = {"time_s", "tokens_per_s", "t_rollout", "t_score", "t_update"}  # wall-clock figures differ run to run
 
@@ -86,6 +83,7 @@ def test_sft_killed_and_resumed_ends_as_an_uninterrupted_run(workdir):
     # --resume of a finished run says so and changes nothing.
     cut = workdir / "train_sft_cut" / "out.pt"
     mtime = cut.stat().st_mtime_ns
+    train_sft = load_script("train_sft")
     assert train_sft.main(train_sft.Config(out=str(cut), resume=True)) is None and cut.stat().st_mtime_ns == mtime
 
 
@@ -112,7 +110,7 @@ def test_ppo_killed_and_resumed_with_data_from_hh_rlhf(workdir):
 
 @pytest.mark.parametrize("script", ["train_sft", "train_rm", "train_ppo"])
 def test_resume_without_a_checkpoint_is_one_line(tmp_path, script):
-    module = __import__(script)
+    module = load_script(script)
     with pytest.raises(UserError) as e:
         module.main(module.Config(out=str(tmp_path / "none.pt"), resume=True))
     assert str(e.value) == (f"--resume: no checkpoint at {tmp_path / 'none.pt'} to continue from "
@@ -142,7 +140,7 @@ def test_prompt_texts_from_every_format(tmp_path):
     ]
     for records, prompts in cases:
         write_jsonl(tmp_path / "p.jsonl", records)
-        assert load_prompt_texts(tmp_path / "p.jsonl") == prompts, records
+        assert load_prompts(tmp_path / "p.jsonl") == prompts, records
 
 
 @pytest.mark.parametrize("records,message", [
@@ -155,5 +153,5 @@ def test_prompt_texts_from_every_format(tmp_path):
 def test_bad_prompt_records_name_file_and_line(tmp_path, records, message):
     write_jsonl(tmp_path / "p.jsonl", records)
     with pytest.raises(UserError) as e:
-        load_prompt_texts(tmp_path / "p.jsonl")
+        load_prompts(tmp_path / "p.jsonl")
     assert message in str(e.value) and "\n" not in str(e.value).replace("\\n", "")

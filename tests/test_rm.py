@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from nanorlhf.model import GPTConfig, ScalarModel, left_pad
-from nanorlhf.reward import encode_pair, pairwise_accuracy, ranking_loss, score_texts
-from train_rm import batches, group_scores
+from nanorlhf.reward import batches, encode_pair, group_scores, pairwise_accuracy, ranking_loss, score_texts
 
 
 def test_k_way_loss_is_the_mean_over_all_pairs():

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from kernels._triton import HAVE_TRITON
-from nanorlhf.model import GPT, GPTConfig, generate, response_logprobs, response_mask
-from train_sft import make_batch, sft_loss
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.rollout import generate, response_logprobs, response_mask
+from nanorlhf.sft import make_batch, sft_loss
 
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (no wheel for this platform)")
 

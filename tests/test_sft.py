@@ -7,7 +7,7 @@ import torch
 from nanorlhf import tasks
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.tokenizer import EOT
-from train_sft import encode_example, make_batch, sft_loss
+from nanorlhf.sft import encode_example, make_batch, sft_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
