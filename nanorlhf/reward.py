@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from nanorlhf import tasks
 from nanorlhf.model import left_pad
-from nanorlhf.tokenizer import encode
+from nanorlhf.tokenizer import encode, encode_response
 
 
 def ranking_loss(scores: torch.Tensor, k: int, center_coef: float = 0.0) -> torch.Tensor:
@@ -38,7 +38,7 @@ def ranking_loss(scores: torch.Tensor, k: int, center_coef: float = 0.0) -> torc
 
 def encode_pair(prompt: str, response: str, block_size: int) -> list[int]:
     """Tokens of prompt + response; too long for block_size: the prompt loses tokens from the left."""
-    p, r = encode(prompt), encode(response)
+    p, r = encode(prompt), encode_response(response)
     r = r[-(block_size - 1):]  # a response longer than the context keeps its end (where the score is read)
     return p[-(block_size - len(r)):] + r
 

@@ -12,12 +12,12 @@ import torch
 
 from nanorlhf import dist, ops
 from nanorlhf.model import left_pad
-from nanorlhf.tokenizer import encode
+from nanorlhf.tokenizer import encode, encode_response
 
 
 def encode_example(prompt, response, block_size):
     """(tokens, number of response tokens). Too long for block_size: prompt tokens go first, from the left."""
-    p, r = encode(prompt), encode(response)
+    p, r = encode(prompt), encode_response(response)
     if len(r) >= block_size:
         return None  # the response alone does not fit: the caller reports it
     keep = block_size - len(r)

@@ -12,6 +12,7 @@ from pathlib import Path
 import tiktoken
 
 EOT = 50256  # <|endoftext|>: ends every response, and GPT-2's only special token
+END = "<|endoftext|>"  # how a response's end is written in text (data files, samples)
 PAD = 0  # the pad id; padding is masked by position, so any id works, but never EOT (an EOS must stay visible)
 
 # GPT-2's pre-tokenizer: contractions, letters, numbers, other symbols, each with an optional leading space.
@@ -49,8 +50,17 @@ def get_encoding() -> tiktoken.Encoding:
 
 
 def encode(text: str) -> list[int]:
-    """Plain text to token ids; '<|endoftext|>' in the text becomes EOT."""
-    return get_encoding().encode(text, allowed_special={"<|endoftext|>"})
+    """User text to token ids. Every character is ordinary text: "<|endoftext|>" written inside a prompt or a
+    response is encoded as the characters it shows, never as the end token (a user cannot end a sequence early)."""
+    return get_encoding().encode(text, disallowed_special=())
+
+
+def encode_response(text: str) -> list[int]:
+    """A response to token ids: ordinary text, and EOT for the one END at its very end, the end that the data
+    loader (which adds it where missing) or the sampler wrote."""
+    if text.endswith(END):
+        return encode(text[:-len(END)]) + [EOT]
+    return encode(text)
 
 
 def decode(ids) -> str:
