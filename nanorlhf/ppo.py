@@ -115,3 +115,62 @@ def explained_variance(values, returns, mask, reduce=None):
     """1 - Var(returns - values) / Var(returns): 1 is a perfect value function, 0 no better than a constant."""
     var_returns = masked_var(returns, mask, reduce)
     return 1.0 - masked_var(returns - values, mask, reduce) / var_returns.clamp(min=1e-8)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Critic-free estimators: k responses per prompt, stored group-major (rows i*k .. i*k + k-1 answer prompt i), one
+# sequence-level reward each; the group itself is the baseline, so no value function is needed.
+
+def rloo_advantages(rewards, k):
+    """REINFORCE leave-one-out (Kool et al. 2019; Ahmadian et al. 2024, eq. 5): each sample's baseline is the mean
+    reward of the other k - 1 samples of its prompt,
+
+        A_i = R_i - 1/(k-1) sum_{j != i} R_j,     R_i = r(x, y_i) - beta * sum_t log(pi(y_i,t) / pi_ref(y_i,t))
+
+    (the KL penalty is part of the sequence-level reward). rewards (B,) with B = G * k -> advantages (B,)."""
+    if k < 2:
+        raise ValueError(f"RLOO needs k >= 2 samples per prompt, got {k}")
+    r = rewards.view(-1, k)  # (G, k)
+    baseline = (r.sum(1, keepdim=True) - r) / (k - 1)  # (G, k): the mean of the others
+    return (r - baseline).reshape(-1)
+
+
+def grpo_advantages(rewards, k, scale=True, eps=1e-4):
+    """GRPO's group-normalised advantage (Shao et al. 2024, §4.1.2): A_i = (r_i - mean(r)) / std(r) over the k
+    samples of a prompt. scale=False is Dr. GRPO (Liu et al. 2025): A_i = r_i - mean(r), no division by the std,
+    which favours prompts whose samples barely differ. rewards (B,) with B = G * k -> advantages (B,)."""
+    r = rewards.view(-1, k)  # (G, k)
+    adv = r - r.mean(1, keepdim=True)
+    if scale:
+        adv = adv / (r.std(1, keepdim=True) + eps)  # unbiased std over the group, as Shao et al.'s code
+    return adv.reshape(-1)
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token estimate of KL(pi || pi_ref) that is always >= 0 (Schulman 2020's k3; GRPO eq. 4):
+    pi_ref/pi - log(pi_ref/pi) - 1, from the log-probs of tokens sampled from pi."""
+    log_ratio = ref_logp - logp
+    return log_ratio.exp() - log_ratio - 1
+
+
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, beta=0.04, length_norm=True):
+    """GRPO's objective (Shao et al. 2024, eq. 3) as a loss to minimise, the sequence's advantage on each token:
+
+        L = -1/G sum_i 1/|y_i| sum_t [ min(ratio A_i, clip(ratio, 1-eps, 1+eps) A_i) - beta * KL3_t ]
+
+    with the KL in the loss (not in the reward) as k3_kl. length_norm=False is Dr. GRPO: the token terms are summed
+    and divided by G * R (R = the longest response of the batch), the same constant for every response, so long
+    wrong answers are not penalised less per token than short ones. adv (B,), the rest (B, R). Returns the loss,
+    the clipped fraction and the mean KL per token."""
+    ratio = torch.exp((logp - old_logp) * mask)  # (B, R)
+    a = adv[:, None]  # (B, 1): one advantage per response, on each of its tokens
+    surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * a)  # (B, R)
+    kl = k3_kl(logp, ref_logp) * mask  # (B, R)
+    per_token = -(surrogate - beta * kl) * mask  # (B, R)
+    if length_norm:
+        loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
+    else:
+        loss = per_token.sum() / mask.numel()
+    with torch.no_grad():
+        clip_frac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
+    return loss, clip_frac, masked_mean(kl, mask).detach()

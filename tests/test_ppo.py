@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -110,3 +112,40 @@ def test_recomputed_logprobs_equal_sampling_logprobs(temperature):
     torch.testing.assert_close(logp, r["logprobs"], atol=2e-5, rtol=0)
     ratio = torch.exp(logp - r["logprobs"])[mask]
     assert (ratio - 1).abs().max() < 1e-4
+
+
+def test_rloo_baseline_is_the_mean_of_the_other_samples():
+    r = torch.tensor([1.0, 2.0, 6.0, 0.0, 0.0, 3.0])  # two prompts, k = 3
+    # prompt 1: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5; prompt 2: -1.5, -1.5, 3
+    assert ppo.rloo_advantages(r, 3).tolist() == [-3.0, -1.5, 4.5, -1.5, -1.5, 3.0]
+    with pytest.raises(ValueError, match="k >= 2"):
+        ppo.rloo_advantages(r, 1)
+
+
+def test_grpo_advantages_and_the_dr_grpo_variant():
+    r = torch.tensor([1.0, 3.0, 5.0, 2.0, 2.0, 2.0])  # k = 3: std of (1, 3, 5) is 2; the second group is flat
+    adv = ppo.grpo_advantages(r, 3, eps=0.0)
+    assert adv[:3].tolist() == [-1.0, 0.0, 1.0]
+    assert ppo.grpo_advantages(r, 3)[3:].tolist() == [0.0, 0.0, 0.0]  # no spread: no signal, no division by 0
+    assert ppo.grpo_advantages(r, 3, scale=False).tolist() == [-2.0, 0.0, 2.0, 0.0, 0.0, 0.0]
+
+
+def test_k3_kl_by_hand():
+    logp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -1.0])
+    # equal: 0; ref/pi = e: e - 1 - 1
+    assert ppo.k3_kl(logp, ref).tolist() == pytest.approx([0.0, math.e - 2.0])
+
+
+def test_grpo_loss_by_hand():
+    # Two responses of lengths 2 and 1 (R = 2); at the first update ratio = 1, so the surrogate is A on each token.
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]])
+    ref = torch.tensor([[-1.0, -1.0], [-0.5, 0.0]])  # KL3 only on token (0, 1): e - 2
+    adv = torch.tensor([1.0, -2.0])
+    beta, kl = 0.5, math.e - 2.0
+    loss, clip_frac, mean_kl = ppo.grpo_loss(logp, logp, ref, adv, mask, beta=beta)
+    per_seq = [(-1.0 + (-1.0 + beta * kl)) / 2, 2.0 / 1]  # -(A - beta KL) per token, over each length
+    assert loss.item() == pytest.approx(sum(per_seq) / 2)
+    loss_dr, _, _ = ppo.grpo_loss(logp, logp, ref, adv, mask, beta=beta, length_norm=False)
+    assert loss_dr.item() == pytest.approx((-1.0 + (-1.0 + beta * kl) + 2.0) / 4)  # summed, over G * R = 4
+    assert clip_frac.item() == 0.0 and mean_kl.item() == pytest.approx(kl / 3)
