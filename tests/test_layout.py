@@ -102,3 +102,37 @@ def test_the_reading_path_fits_an_evening():
     assert sum(lines.values()) <= 2000, lines
     for path in sources("kernels"):
         assert len(path.read_text().splitlines()) <= 1000, f"{path.name} is over 1,000 lines"
+
+
+def readme_tree() -> dict[str, str]:
+    """README's layout block as {path: its comment}; a line under a folder ("nanorlhf/") names files in it, and one
+    line may name several files ("a.md, b.md   comment")."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```")[1]
+    tree, folder = {}, ""
+    for line in block.splitlines():
+        if not line.strip():
+            continue
+        indented = line.startswith(" ")
+        names, _, comment = line.strip().partition("  ")
+        if not indented:
+            folder = ""
+        if names.endswith("/") and not comment.strip():
+            folder = names
+            continue
+        for name in names.split(", "):
+            tree[(folder if indented else "") + name.strip()] = comment.strip()
+    return tree
+
+
+def test_readme_fits_two_screens_and_its_tree_names_every_file():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150
+    tree = readme_tree()
+    files = [p.relative_to(ROOT).as_posix() for folder in ("nanorlhf", "kernels", "bench") for p in sources(folder)]
+    files += [f"{s}.py" for s in SCRIPTS] + ["README.md", "DEVELOPERS.md", "Makefile", "pyproject.toml", ".ci/run"]
+    files += [p.relative_to(ROOT).as_posix() for folder in ("docs", "results") for p in (ROOT / folder).iterdir()]
+    for f in files:
+        assert f in tree, f"README's layout does not list {f}"
+        assert tree[f], f"README's layout lists {f} without a comment"
+    for f in tree:
+        assert (ROOT / f).exists(), f"README's layout lists {f}, which does not exist"
