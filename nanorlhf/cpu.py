@@ -5,10 +5,8 @@ Every training step here allocates and frees the same large buffers: blocks of l
 By default glibc serves an allocation above its mmap threshold (128 KB, raised by itself to at most 32 MB) with
 fresh pages from the kernel and unmaps them on free, and it returns the free top of its heap to the kernel above a
 trim threshold; either way the next step's buffer is new memory, and the kernel page-faults and zeroes it 4 KB at a
-time before any arithmetic runs. Measured on the 2-core machine (torch 2.13.0+cpu, 2 threads): a (512, 128) x
-(128, 50,257) product in two blocks takes 100 ms into fresh buffers and 60 ms into reused ones. With both thresholds
-raised: PPO's reference benchmark 7.39-7.43 -> 6.14-6.64 s per iteration (peak RSS +70-130 MB), an SFT step ~9 %
-faster, a `make demo` PPO iteration ~7 %, an RM step ~3 %.
+time before any arithmetic runs. Raising both thresholds lets each step reuse the last one's buffers, at the
+price of a higher peak memory (docs/experiments.md has the measurements).
 
 PyTorch's CPU tuning guide gets the same effect by preloading another allocator (jemalloc, tcmalloc); this needs no
 install. It changes no result, only where freed memory goes; elsewhere than glibc (macOS, musl) it does nothing.
