@@ -25,7 +25,8 @@ import torch
 from tqdm import tqdm
 
 from nanorlhf import checkpoint, cpu, dist, ppo
-from nanorlhf.config import UserError, run
+from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint_name, file_name, finite, in_range,
+                             one_of, positive, require, run, seed_range)
 from nanorlhf.data import load_prompts, load_sft
 from nanorlhf.evaluate import gold_eval
 from nanorlhf.metrics import MetricsLog
@@ -119,6 +120,25 @@ class Config:
     resume: bool = False
     """continue the run from its checkpoint at --out"""
 
+    def __post_init__(self):  # ranges of the flags, checked whenever a Config is made (nanorlhf/config.py)
+        finite(self)
+        file_name(self, "sft", "rm")
+        checkpoint_name(self)
+        if not self.data:
+            require(self.prompts != "", "--prompts must name a file when --data is not given, got ''")
+        if self.ptx_coef > 0:
+            file_name(self, "ptx_data")
+        at_least(self, 1, "iters", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
+                 "eval_interval")
+        require(self.minibatch_size <= self.batch_size, f"--minibatch_size must be at most --batch_size "
+                                                        f"{self.batch_size}, got {self.minibatch_size}")
+        positive(self, "lr", "vf_lr", "temperature", "target_kl", "cliprange", "cliprange_value")
+        at_least(self, 0, "init_kl_coef", "ent_coef", "ptx_coef", "grad_clip", "eval_n", "threads", "ckpt_interval")
+        in_range(self, "gamma", 0, 1)
+        in_range(self, "lam", 0, 1)
+        one_of(self, "dtype", DTYPES)
+        seed_range(self)
+
 
 def load_models(cfg, device):
     """policy, reference, reward model and value function, checked to share one configuration."""
@@ -138,6 +158,13 @@ def load_models(cfg, device):
 
 
 def main(cfg: Config):
+    """Train with PPO; a run that fails before its first checkpoint leaves the previous run's files as they were."""
+    with checkpoint.Staged() as staged:  # metrics.jsonl: beside the previous run's until this run's first checkpoint
+        return train_ppo(cfg, staged)
+
+
+def train_ppo(cfg: Config, staged: checkpoint.Staged):
+    checkpoint.check_outputs(cfg.out)  # before anything is read or written (the flags were checked in Config)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     if cfg.threads:
@@ -154,12 +181,17 @@ def main(cfg: Config):
         return  # that run had finished
 
     policy, ref, rm, value = load_models(cfg, device)
+    check_room(cfg.max_new_tokens, policy.config.block_size, cfg.sft)
     prompts = [encode(p) for p in load_prompts(cfg.data or cfg.prompts)]
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
     ptx = None
     if cfg.ptx_coef > 0:
-        ptx = [encode_example(p, r, policy.config.block_size) for p, r in load_sft(cfg.ptx_data)]
-        ptx = [ex for ex in ptx if ex is not None]
+        ptx = []
+        for p, r, line in load_sft(cfg.ptx_data, with_lines=True):
+            ptx.append(encode_example(p, r, policy.config.block_size))
+            if ptx[-1] is None:
+                raise UserError(f"{cfg.ptx_data}:{line}: the response alone is longer than the context (block_size "
+                                f"{policy.config.block_size} tokens)")
     for m in (ref, rm):
         m.eval().requires_grad_(False)
     if not cfg.value_embeddings:  # before the optimizer: it takes only the parameters that require a gradient
@@ -190,7 +222,7 @@ def main(cfg: Config):
           f"{cfg.ppo_epochs} epochs of minibatch {cfg.minibatch_size}, GPT {policy.num_params() / 1e6:.2f}M, {device}")
 
     # out/ppo.pt -> out/ppo/metrics.jsonl; a resumed run drops the records after its checkpoint and appends
-    metrics = (MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it)
+    metrics = (MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it, staged=staged)
                if dist.is_main() else None)
     bar = tqdm(range(first_it, cfg.iters), initial=first_it, total=cfg.iters, desc="ppo", dynamic_ncols=True,
                mininterval=1.0, disable=not dist.is_main())
@@ -312,6 +344,7 @@ def main(cfg: Config):
         if cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.iters:
             rngs = dist.all_gather_objects(checkpoint.rng_state(rng, generator))  # each process samples its own
             if dist.is_main():
+                staged.commit()  # this run's metrics replace the previous run's, with its first checkpoint
                 checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg),
                                 history=history, beta=beta, step=it + 1,
                                 resume=dict(policy_opt=policy_opt.state_dict(), value_opt=value_opt.state_dict(),
@@ -319,6 +352,7 @@ def main(cfg: Config):
     bar.close()
 
     if dist.is_main():
+        staged.commit()
         checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg),
                         history=history, beta=beta, step=cfg.iters)
         print(f"PPO done in {time.time() - t_start:.0f} s; wrote {cfg.out}")

@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from nanorlhf import checkpoint, cpu, dist, tasks
-from nanorlhf.config import UserError, run
+from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint_name, file_name, finite, in_range,
+                             one_of, positive, require, run, seed_range)
 from nanorlhf.data import load_preferences, load_prompts, load_rankings, write_jsonl
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import GPT, ScalarModel
@@ -96,6 +97,25 @@ class Config:
     resume: bool = False
     """continue the run from its checkpoint at --out (built-in data: the rankings it wrote are read back)"""
 
+    def __post_init__(self):  # ranges of the flags, checked whenever a Config is made (nanorlhf/config.py)
+        finite(self)
+        file_name(self, "sft")
+        checkpoint_name(self)
+        if self.data:
+            in_range(self, "eval_fraction", 0, 1, lo_open=True, hi_open=True)
+        else:
+            require(not self.eval_data, "--eval_data needs --data (the built-in labeler's held-out rankings come "
+                                        "from --eval_prompts)")
+            file_name(self, "prompts", "eval_prompts")
+        at_least(self, 1, "n_prompts", "n_eval", "max_new_tokens", "batch_size", "epochs")
+        at_least(self, 2, "k")  # a ranking compares responses
+        at_least(self, 2 if self.unit_std else 1, "n_normalize")  # the std of one score is no scale
+        at_least(self, 0, "label_noise", "warmup_iters", "weight_decay", "grad_clip", "center_coef", "threads",
+                 "ckpt_interval")
+        positive(self, "temperature", "lr")  # temperature 0 would sample the same response K times
+        one_of(self, "dtype", DTYPES)
+        seed_range(self)
+
 
 def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, generator):
     """Sample k responses per prompt and have the scripted labeler rank them: [{"prompt", "responses"}]."""
@@ -111,6 +131,13 @@ def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, g
 
 
 def main(cfg: Config):
+    """Train the RM; a run that fails before its first checkpoint leaves the previous run's files as they were."""
+    with checkpoint.Staged() as staged:  # metrics, rankings: beside the previous run's until the first checkpoint
+        return train_rm(cfg, staged)
+
+
+def train_rm(cfg: Config, staged: checkpoint.Staged):
+    checkpoint.check_outputs(cfg.out)  # before anything is read or written (the flags were checked in Config)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     if cfg.threads:
@@ -128,6 +155,7 @@ def main(cfg: Config):
 
     sft = checkpoint.load(cfg.sft, made_by="train_sft.py", kind="sft")
     model_cfg = checkpoint.model_config(sft)
+    check_room(cfg.max_new_tokens, model_cfg.block_size, cfg.sft)
     policy = GPT(model_cfg).to(device).eval()
     policy.load_state_dict(sft["model"])
     rm = ScalarModel(model_cfg).to(device)
@@ -140,26 +168,35 @@ def main(cfg: Config):
         if cfg.eval_data:
             held_out = load_preferences(cfg.eval_data)
         else:
+            if len(train) < 2:
+                raise UserError(f"{cfg.data}: 1 ranking, none left to train on after holding out --eval_fraction "
+                                f"{cfg.eval_fraction}: add rankings or give --eval_data")
             rng.shuffle(train)
             n_eval = max(1, int(cfg.eval_fraction * len(train)))
             held_out, train = train[:n_eval], train[n_eval:]
     else:
         out_dir = Path(cfg.out).parent
-        for name, prompts_path, n in (("train", cfg.prompts, cfg.n_prompts), ("eval", cfg.eval_prompts, cfg.n_eval)):
-            if resumed:
-                continue  # the run being resumed sampled and wrote them: read back below, never drawn again
-            prompts = load_prompts(prompts_path)[:n]
-            dist.print0(f"sampling {cfg.k} responses for {len(prompts)} {name} prompts and ranking them "
-                  f"(scripted labeler, noise {cfg.label_noise})")
-            with amp():
-                records = label_builtin(policy, dist.shard(prompts), cfg.k, cfg.label_noise, cfg.temperature,
-                                        cfg.max_new_tokens, label_rng, generator)
-            records = [r for part in dist.all_gather_objects(records) for r in part]  # every process's, in order
-            if dist.is_main():
-                write_jsonl(out_dir / f"rankings_{name}.jsonl", records)
+        files = {name: out_dir / f"rankings_{name}.jsonl" for name in ("train", "eval")}
+        if not resumed:  # a resumed run reads back the rankings its first run wrote, never drawn again
+            # Both prompt files are read before any sampling, so a mistake in either stops the run at once.
+            prompts = {"train": load_prompts(cfg.prompts)[:cfg.n_prompts],
+                       "eval": load_prompts(cfg.eval_prompts)[:cfg.n_eval]}
+            for name in ("train", "eval"):
+                dist.print0(f"sampling {cfg.k} responses for {len(prompts[name])} {name} prompts and ranking them "
+                      f"(scripted labeler, noise {cfg.label_noise})")
+                with amp():
+                    records = label_builtin(policy, dist.shard(prompts[name]), cfg.k, cfg.label_noise,
+                                            cfg.temperature, cfg.max_new_tokens, label_rng, generator)
+                records = [r for part in dist.all_gather_objects(records) for r in part]  # every process's
+                if dist.is_main():  # beside the previous run's rankings until this run's first checkpoint
+                    write_jsonl(staged.path(files[name]), records)
+                files[name] = staged.name(files[name])  # where rank 0 wrote them
         dist.barrier()  # the files are written before anyone reads them
-        train = load_rankings(out_dir / "rankings_train.jsonl")  # read back: the same path user data takes
-        held_out = load_rankings(out_dir / "rankings_eval.jsonl")
+        train = load_rankings(files["train"])  # read back: the same path user data takes
+        held_out = load_rankings(files["eval"])
+    if cfg.unit_std and len(train) < 2:
+        raise UserError(f"{cfg.data or files['train']}: only 1 ranking to train on; normalising the score to std 1 "
+                        f"needs 2 at least (or --unit_std false)")
     n_pairs = sum(len(rs) * (len(rs) - 1) // 2 for _, rs in train)
     dist.print0(f"RM: {len(train)} rankings ({n_pairs} pairs) to train on, {len(held_out)} held out "
           f"[{time.time() - t0:.0f} s]")
@@ -178,7 +215,8 @@ def main(cfg: Config):
         checkpoint.set_rng_state(resumed["resume"]["rng"], rng, generator)
         first_it = resumed["step"]
     # out/rm.pt -> out/rm/metrics.jsonl; a resumed run drops the records after its checkpoint and appends
-    metrics = MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it) if dist.is_main() else None
+    metrics = (MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it, staged=staged)
+               if dist.is_main() else None)
     bar = tqdm(range(first_it, len(plan)), initial=first_it, total=len(plan), desc="rm", dynamic_ncols=True,
                mininterval=1.0, disable=not dist.is_main())
     for it in bar:
@@ -193,8 +231,8 @@ def main(cfg: Config):
         # scaled: to backpropagate; loss: the mean over every process's rankings
         scaled, loss = dist.global_mean_loss(ranking_loss(scores, k, cfg.center_coef), len(batch))
         if not torch.isfinite(loss):
-            raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (the last checkpoint, if "
-                            f"any, is left as it was)")
+            raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (the last checkpoint and "
+                            f"its files are left as they were)")
         optimizer.zero_grad(set_to_none=True)
         scaled.backward()
         if cfg.grad_clip:
@@ -204,6 +242,7 @@ def main(cfg: Config):
         if metrics:
             metrics.log(it + 1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
         if metrics and cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < len(plan):
+            staged.commit()  # this run's metrics and rankings replace the previous run's, with its first checkpoint
             checkpoint.save(cfg.out, rm, kind="rm", train_config=vars(cfg), step=it + 1,
                             resume=dict(optimizer=optimizer.state_dict(), rng=checkpoint.rng_state(rng, generator),
                                         plan_rng=plan_rng))
@@ -238,6 +277,7 @@ def main(cfg: Config):
     print(msg)
     metrics.log(len(plan), **{k: v[0] for k, v in result.items()}, acc_train_labels=train_acc,
                 sft_score_std=std)
+    staged.commit()
     checkpoint.save(cfg.out, rm, kind="rm", train_config=vars(cfg), eval=result,
                     sft_score_std=std, step=len(plan))
     print(f"RM done in {time.time() - t0:.0f} s; wrote {cfg.out}")

@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from nanorlhf import checkpoint, cpu, dist, tasks
-from nanorlhf.config import UserError, run
+from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint_name, file_name, finite, in_range,
+                             one_of, positive, require, run, seed_range)
 from nanorlhf.data import load_demonstrations, load_prompts
 from nanorlhf.evaluate import gold_eval
 from nanorlhf.metrics import MetricsLog
@@ -92,8 +93,34 @@ class Config:
     resume: bool = False
     """continue the run from its checkpoint at --out"""
 
+    def __post_init__(self):  # ranges of the flags, checked whenever a Config is made (nanorlhf/config.py)
+        finite(self)
+        file_name(self, "data")
+        checkpoint_name(self)
+        at_least(self, 1, "n_layer", "n_head", "n_embd", "block_size", "batch_size", "max_iters", "eval_interval",
+                 "max_new_tokens")
+        require(self.n_embd % self.n_head == 0, f"--n_embd must be a multiple of --n_head {self.n_head}, got "
+                                                f"{self.n_embd}")
+        if not self.init_from:  # a fresh GPT of these sizes; loaded weights are checked when loaded
+            check_room(self.max_new_tokens, self.block_size, "--block_size")
+        in_range(self, "dropout", 0, 1, hi_open=True)
+        positive(self, "lr")
+        in_range(self, "min_lr", 0, self.lr)
+        at_least(self, 0, "warmup_iters", "weight_decay", "grad_clip", "eval_n", "temperature", "threads",
+                 "ckpt_interval")
+        in_range(self, "val_fraction", 0, 1, hi_open=True)
+        one_of(self, "dtype", DTYPES)
+        seed_range(self)
+
 
 def main(cfg: Config):
+    """Fine-tune; a run that fails before its first checkpoint leaves the previous run's files as they were."""
+    with checkpoint.Staged() as staged:  # metrics.jsonl: beside the previous run's until this run's first checkpoint
+        return train_sft(cfg, staged)
+
+
+def train_sft(cfg: Config, staged: checkpoint.Staged):
+    checkpoint.check_outputs(cfg.out)  # before anything is read or written (the flags were checked in Config)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     if cfg.threads:
@@ -122,20 +149,21 @@ def main(cfg: Config):
                               dropout=cfg.dropout))
     model.to(device)
     block_size = model.config.block_size
+    check_room(cfg.max_new_tokens, block_size, cfg.init_from or cfg.out)
 
     # 2. The demonstrations (the default path is written from the built-in task the first time).
     if dist.is_main() and not Path(cfg.data).exists() and cfg.data == Config.data:
         print(f"{cfg.data} not found: writing the built-in task's data (python -m nanorlhf.tasks)")
         tasks.write_default_data(tasks.TaskConfig(out=str(Path(cfg.data).parent)))
     dist.barrier()  # the other processes read what rank 0 wrote
-    pairs = load_demonstrations(cfg.data)  # ours {prompt, response}, or HH / TL;DR style (README)
+    demonstrations = load_demonstrations(cfg.data, with_lines=True)  # ours {prompt, response}, HH / TL;DR (README)
 
     examples = []
-    for i, (prompt, response) in enumerate(pairs):
+    for prompt, response, line in demonstrations:
         ex = encode_example(prompt, response, block_size)
         if ex is None:
-            raise UserError(f"{cfg.data}: record {i + 1}: the response alone is longer than block_size "
-                            f"{block_size} tokens")
+            raise UserError(f"{cfg.data}:{line}: the response alone is longer than the context (block_size "
+                            f"{block_size} tokens)")
         examples.append(ex)
     rng.shuffle(examples)
     n_val = max(1, int(cfg.val_fraction * len(examples))) if len(examples) > 1 else 0
@@ -161,7 +189,8 @@ def main(cfg: Config):
         order, pos, tokens_seen, t0 = state["order"], state["pos"], state["tokens_seen"], t0 - state["elapsed"]
         history, first_it = resumed["history"], resumed["step"]
     # out/sft.pt -> out/sft/metrics.jsonl; a resumed run drops the records after its checkpoint and appends
-    metrics = MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it) if dist.is_main() else None
+    metrics = (MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it, staged=staged)
+               if dist.is_main() else None)
     bar = tqdm(range(first_it, cfg.max_iters), initial=first_it, total=cfg.max_iters, desc="sft", dynamic_ncols=True,
                mininterval=1.0, disable=not dist.is_main())
     for it in bar:
@@ -176,8 +205,8 @@ def main(cfg: Config):
             loss, n = sft_loss(train_model, idx, start, mask)
         scaled, loss = dist.global_mean_loss(loss, n)  # loss: the mean over every process's response tokens
         if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at step {it}: lower --lr (the last checkpoint, if any, "
-                            f"is left as it was)")
+            raise UserError(f"the loss became {loss.item()} at step {it}: lower --lr (the last checkpoint and its "
+                            f"metrics are left as they were)")
         optimizer.zero_grad(set_to_none=True)
         scaled.backward()
         if cfg.grad_clip:
@@ -203,6 +232,7 @@ def main(cfg: Config):
                 msg += f", held-out gold score {gold[0]:.3f} ± {gold[1]:.3f} ({len(eval_prompts)} prompts, T={cfg.temperature})"
             tqdm.write(msg)
         if dist.is_main() and cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.max_iters:
+            staged.commit()  # this run's metrics replace the previous run's, with its first checkpoint
             checkpoint.save(cfg.out, model, kind="sft", train_config=vars(cfg), history=history, step=it + 1,
                             resume=dict(optimizer=optimizer.state_dict(), rng=checkpoint.rng_state(rng), order=order,
                                         pos=pos, tokens_seen=tokens_seen, elapsed=time.time() - t0))
@@ -211,6 +241,7 @@ def main(cfg: Config):
     # 4. Save the fine-tuned model: the policy's start and the reference of stages 2 and 3.
     elapsed = time.time() - t0
     if dist.is_main():
+        staged.commit()
         checkpoint.save(cfg.out, model, kind="sft", train_config=vars(cfg), history=history, step=cfg.max_iters)
         print(f"SFT done in {elapsed:.0f} s; wrote {cfg.out}")
     dist.cleanup()

@@ -5,28 +5,95 @@ ckpt_interval steps before that the same dict plus "resume": what --resume needs
 (optimizer state, random states, data order). Only a mid-run checkpoint has "resume". The next stage and the
 evaluation refuse it (a mid-run RM has no normalised score yet, a mid-run SFT model is not the one meant), with a
 line that says to finish the run with --resume; sampling (nanorlhf.sample) and --resume itself read it.
+
+A run's other files (its metrics.jsonl, the RM's rankings) are Staged: written beside the previous run's until the
+run's first checkpoint, then moved into place right before it, so that a run that fails before then leaves the
+previous run's checkpoint and files as they were.
 """
 
+import contextlib
 import os
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from nanorlhf.config import UserError
+from nanorlhf.config import UserError, check_writable
 from nanorlhf.dist import print0
 from nanorlhf.model import GPTConfig
+from nanorlhf.pretrained import check_vocab
 
 
 def save(path, model, kind: str, **extra) -> None:
     """Write {kind, model_config, model state, **extra} to path via a temporary file, so a crash never leaves a
     half-written checkpoint behind."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = dict(kind=kind, model_config=asdict(model.config), model=model.state_dict(), **extra)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk, a folder that went away; torch reports some as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({getattr(e, 'strerror', None) or e})") from None
+
+
+def check_outputs(out) -> None:
+    """Before a script reads or writes anything: its checkpoint (--out) and its metrics folder (--out without the
+    extension: out/sft.pt -> out/sft/) can be written."""
+    check_writable(out, "--out")
+    check_writable(Path(out).with_suffix(""), f"--out {out}: its metrics folder", directory=True)
+
+
+class Staged:
+    """A run's files besides its checkpoint, each written as NAME.new beside the previous run's NAME, and moved over
+    it by commit(), which a script calls right before it saves a checkpoint (mid-run or final): the checkpoint and
+    its files then belong to the same run. Used as a context manager around a run: on the way out, discard() removes
+    the .new files (and the folders made for them) of a run that never committed, so a run that fails before its
+    first checkpoint leaves the previous run's files byte for byte as they were."""
+
+    def __init__(self):
+        self.files = []  # (NAME.new, NAME)
+        self.made = []  # folders created for them, parents first
+
+    def path(self, final) -> Path:
+        """Where to write what will become `final` (its folder is created)."""
+        final = Path(final)
+        missing = [p for p in [final.parent, *final.parent.parents] if not os.path.lexists(p)]
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {final.parent} ({e.strerror or e})") from None
+        self.made += reversed(missing)
+        self.files.append((self.name(final), final))
+        return self.name(final)
+
+    @staticmethod
+    def name(final) -> Path:
+        """NAME.new: where what will become NAME is written."""
+        return Path(final).with_name(Path(final).name + ".new")
+
+    def commit(self) -> None:
+        for tmp, final in self.files:
+            os.replace(tmp, final)  # an open file (the metrics log) keeps writing to it under its new name
+        self.files, self.made = [], []
+
+    def discard(self) -> None:
+        for tmp, _ in self.files:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        for d in reversed(self.made):  # deepest first; only if empty
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        self.files, self.made = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.discard()
 
 
 def load(path, made_by: str, kind: str | None = None, finished: bool = True) -> dict:
@@ -38,8 +105,9 @@ def load(path, made_by: str, kind: str | None = None, finished: bool = True) -> 
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
         raise UserError(f"checkpoint {path} could not be read ({type(e).__name__}: {e})") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("model_config"), dict):
         raise UserError(f"{path} is not a nanorlhf checkpoint")
+    check_vocab(ckpt["model_config"].get("vocab_size"), path)  # the tokenizer is GPT-2's
     if kind is not None and ckpt.get("kind") != kind:
         raise UserError(f"{path} is a {ckpt.get('kind')!r} checkpoint, expected {kind!r} (made by {made_by})")
     if finished and "resume" in ckpt:

@@ -2,12 +2,14 @@
 into nanorlhf's own forms with one-line errors (`error: FILE:LINE: ...` naming the field, never a traceback).
 
 What the training scripts get, whatever the file looks like:
-    demonstrations  [(prompt, response)]          load_demonstrations
+    demonstrations  [(prompt, response)]          load_demonstrations (with_lines: [(prompt, response, line)])
     preferences     [(prompt, [response, ...])]   load_preferences: best first, K >= 2
     prompts         [prompt]                      load_prompts: each distinct prompt once, from a file in any format
-Every response ends with "<|endoftext|>" (added when missing).
+Every response ends with "<|endoftext|>" (added when missing). A file that cannot be read as UTF-8 JSONL (a
+directory, bytes that are not UTF-8, a .gz file that is not gzip) is a one-line error too; lines are counted from 1,
+blank lines included, so FILE:LINE is the line an editor shows.
 
-Formats (JSONL, one record a line; a .gz file is read as gzip):
+Formats (JSONL, one record a line, UTF-8; a .gz file is read as gzip):
 
   ours         demonstrations {"prompt", "response"}; rankings {"prompt", "responses": [best first]};
                pairs {"prompt", "chosen", "rejected"} (a ranking of K = 2); prompts {"prompt"}
@@ -23,9 +25,11 @@ Formats (JSONL, one record a line; a .gz file is read as gzip):
                "TL;DR: summary" as GPT-2 tokenizes it.
 """
 
+import contextlib
 import gzip
 import json
 import os
+import zlib
 from pathlib import Path
 
 from nanorlhf.config import UserError
@@ -35,36 +39,64 @@ END = "<|endoftext|>"
 
 def write_jsonl(path, records) -> None:
     """Write records one JSON object per line, atomically (a temporary file renamed into place)."""
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def write_text(path, text: str) -> None:
+    """Write a text file atomically: a temporary file beside it, renamed into place; a failure is one line."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror or e})") from None
 
 
-def open_text(path):
-    """Open a text file for reading; a .gz file (as HH-RLHF ships) is decompressed on the fly."""
-    return gzip.open(path, "rt") if str(path).endswith(".gz") else open(path)
+def open_binary(path):
+    """Open a file for reading bytes; a .gz file (as HH-RLHF ships) is decompressed on the fly."""
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
 def json_lines(path):
-    """(line number, object) for each non-blank line of a JSONL file; a bad line is a one-line UserError."""
+    """(line number, object) for each non-blank line of a JSONL file; a bad line is a one-line UserError.
+
+    Read as bytes and decoded line by line, so a line that is not UTF-8 is named (a UTF-8 byte-order mark at the
+    start is allowed)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(r, dict):
-                raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(r).__name__}")
-            yield lineno, r
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a JSONL file")
+    lineno = 0
+    try:
+        with open_binary(path) as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                    f"{e.start + 1})") from None
+                if not line.strip():
+                    continue
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(r, dict):
+                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(r).__name__}")
+                yield lineno, r
+    except gzip.BadGzipFile as e:
+        if lineno == 0:
+            raise UserError(f"{path}: not gzip data (a file whose name ends in .gz is read as gzip)") from None
+        raise UserError(f"{path}:{lineno + 1}: the gzip data is corrupt ({e})") from None
+    except (EOFError, zlib.error) as e:  # a .gz file cut off, or damaged
+        raise UserError(f"{path}:{lineno + 1}: the gzip data is cut off or corrupt ({e})") from None
+    except OSError as e:  # no permission, an I/O error
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
 
 
 def read_jsonl(path, fields: dict) -> list[dict]:
@@ -88,9 +120,15 @@ def with_end(response: str) -> str:
     return response if response.endswith(END) else response + END
 
 
-def load_sft(path) -> list[tuple[str, str]]:
-    """[(prompt, response)] from SFT demonstrations."""
-    return [(r["prompt"], with_end(r["response"])) for r in read_jsonl(path, {"prompt": str, "response": str})]
+def lines_or_not(triples, with_lines: bool):
+    """[(prompt, response, line)] as they are, or without the line numbers."""
+    return triples if with_lines else [(p, r) for p, r, _ in triples]
+
+
+def load_sft(path, with_lines=False) -> list[tuple[str, str]]:
+    """[(prompt, response)] from SFT demonstrations; with_lines: [(prompt, response, line number)]."""
+    return lines_or_not([(r["prompt"], with_end(r["response"]), r["_line"])
+                         for r in read_jsonl(path, {"prompt": str, "response": str})], with_lines)
 
 
 def load_rankings(path) -> list[tuple[str, list[str]]]:
@@ -110,9 +148,9 @@ def load_rankings(path) -> list[tuple[str, list[str]]]:
 
 
 def read_jsonl_first(path) -> dict:
-    """The first record of a JSONL file, unchecked (to tell formats apart)."""
-    for _, r in json_lines(path):
-        return r
+    """The first record of a JSONL file, unchecked (to tell formats apart), with its line number under "_line"."""
+    for lineno, r in json_lines(path):
+        return {**r, "_line": lineno}
     raise UserError(f"{path}: no records")
 
 
@@ -145,13 +183,13 @@ def load_hh(path) -> list[tuple[str, list[str]]]:
     return out
 
 
-def load_hh_demonstrations(path) -> list[tuple[str, str]]:
+def load_hh_demonstrations(path, with_lines=False) -> list[tuple[str, str]]:
     """[(prompt, response)] from HH-RLHF records, the chosen dialogue's last reply as the demonstration."""
     out = []
     for r in read_jsonl(path, {"chosen": str}):
         prompt, response = split_transcript(r["chosen"], f"{path}:{r['_line']}: field 'chosen'")
-        out.append((prompt, with_end(response)))
-    return out
+        out.append((prompt, with_end(response), r["_line"]))
+    return lines_or_not(out, with_lines)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -215,7 +253,7 @@ def tldr_record_prompt(r: dict, where: str) -> str:
     return tldr_prompt(info, where, prefix)
 
 
-def load_tldr_demonstrations(path) -> list[tuple[str, str]]:
+def load_tldr_demonstrations(path, with_lines=False) -> list[tuple[str, str]]:
     """[(prompt, summary)] from {"info": {...}, "summary"} or the flat {"post", ..., "summary"} records."""
     out = []
     for r in read_jsonl(path, {"summary": object}):
@@ -224,15 +262,17 @@ def load_tldr_demonstrations(path) -> list[tuple[str, str]]:
         summary = r["summary"].get("text") if isinstance(r["summary"], dict) else r["summary"]
         if not isinstance(summary, str):
             raise UserError(f"{where}: field 'summary' must be a string (or an object with a string 'text')")
-        out.append((prompt, tldr_summary(summary)))
-    return out
+        out.append((prompt, tldr_summary(summary), r["_line"]))
+    return lines_or_not(out, with_lines)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # Format detection
 
 def unknown_format(path, first: dict, expected: str) -> UserError:
-    return UserError(f"{path}: unknown format (the first record has fields {sorted(first)}); expected {expected}")
+    fields = sorted(k for k in first if k != "_line")
+    return UserError(f"{path}:{first['_line']}: unknown format (the first record has fields {fields}); expected "
+                     f"{expected}")
 
 
 def load_preferences(path) -> list[tuple[str, list[str]]]:
@@ -249,16 +289,17 @@ def load_preferences(path) -> list[tuple[str, list[str]]]:
                                       'HH-RLHF {"chosen", "rejected"} or TL;DR {"info", "summaries", "choice"}')
 
 
-def load_demonstrations(path) -> list[tuple[str, str]]:
-    """[(prompt, response)] from our demonstrations, HH-RLHF dialogues (the chosen one), or TL;DR summaries."""
+def load_demonstrations(path, with_lines=False) -> list[tuple[str, str]]:
+    """[(prompt, response)] from our demonstrations, HH-RLHF dialogues (the chosen one), or TL;DR summaries;
+    with_lines: [(prompt, response, line number)], for errors found later (a response too long for the context)."""
     path = Path(path)
     first = read_jsonl_first(path)
     if "prompt" in first and "response" in first:
-        return load_sft(path)
+        return load_sft(path, with_lines)
     if "chosen" in first and "prompt" not in first:
-        return load_hh_demonstrations(path)
+        return load_hh_demonstrations(path, with_lines)
     if "summary" in first:
-        return load_tldr_demonstrations(path)
+        return load_tldr_demonstrations(path, with_lines)
     raise unknown_format(path, first, 'demonstrations {"prompt", "response"}, HH-RLHF {"chosen", ...} '
                                       'or TL;DR {"info", "summary"} / {"post", "summary"}')
 
@@ -266,11 +307,16 @@ def load_demonstrations(path) -> list[tuple[str, str]]:
 def load_prompts(path) -> list[str]:
     """The distinct prompts of a file in any format above, in file order: {"prompt"} records and our
     demonstrations, rankings and pairs; HH-RLHF dialogues (up to the last Assistant turn); TL;DR comparisons or
-    demonstrations (the post). Each prompt once: TL;DR has several comparisons per post."""
+    demonstrations (the post). Each prompt once: TL;DR has several comparisons per post. An empty prompt is refused
+    (generation continues a prompt: it needs at least one token)."""
     path = Path(path)
     first = read_jsonl_first(path)
     if "prompt" in first:
-        prompts = [r["prompt"] for r in read_jsonl(path, {"prompt": str})]
+        records = read_jsonl(path, {"prompt": str})
+        for r in records:
+            if not r["prompt"]:
+                raise UserError(f"{path}:{r['_line']}: field 'prompt' is empty (a prompt needs at least one token)")
+        prompts = [r["prompt"] for r in records]
     elif "chosen" in first:
         prompts = [split_transcript(r["chosen"], f"{path}:{r['_line']}: field 'chosen'")[0]
                    for r in read_jsonl(path, {"chosen": str})]

@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from nanorlhf import checkpoint, cpu, tasks
-from nanorlhf.config import run
-from nanorlhf.data import load_prompts
+from nanorlhf.config import (UserError, at_least, check_room, check_writable, file_name, finite, positive, require,
+                             run, seed_range)
+from nanorlhf.data import load_prompts, write_text
 from nanorlhf.model import GPT, ScalarModel
 from nanorlhf.reward import score_texts
 from nanorlhf.rollout import as_response, rollouts, sample_responses
@@ -76,9 +77,20 @@ class EvalConfig:
     seed: int = 1234
     """sampling seed"""
 
+    def __post_init__(self):  # ranges of the flags, checked whenever an EvalConfig is made (nanorlhf/config.py)
+        finite(self)
+        file_name(self, "sft", "rm", "ppo", "prompts", "out")
+        require(Path(self.out).suffix != ".json", f"--out must not end in .json (the .json goes beside it), got "
+                                                   f"{self.out!r}")
+        at_least(self, 1, "n", "best_of", "max_new_tokens")
+        positive(self, "temperature")  # the KL to SFT is a difference of log-probs at this temperature
+        seed_range(self)
+
 
 def main(cfg: EvalConfig):
     t0 = time.time()
+    for path in (cfg.out, Path(cfg.out).with_suffix(".json")):
+        check_writable(path, "--out")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cpu.keep_freed_memory(device)  # CPU: reuse freed buffers instead of page-faulting fresh ones (nanorlhf/cpu.py)
     models = {}
@@ -86,10 +98,17 @@ def main(cfg: EvalConfig):
         ckpt = checkpoint.load(path, made_by=made_by, kind=kind)
         models[name] = GPT(checkpoint.model_config(ckpt)).to(device).eval()
         models[name].load_state_dict(ckpt["model"])
+        check_room(cfg.max_new_tokens, models[name].config.block_size, path)
+    if models["ppo"].config != models["sft"].config:  # the KL to SFT compares the two on the same tokens
+        raise UserError(f"the PPO policy ({cfg.ppo}: {models['ppo'].config}) does not match the SFT model "
+                        f"({cfg.sft}: {models['sft'].config}); evaluate the PPO run of this SFT checkpoint")
     rm_ckpt = checkpoint.load(cfg.rm, made_by="train_rm.py", kind="rm")
     rm = ScalarModel(checkpoint.model_config(rm_ckpt)).to(device).eval()
     rm.load_state_dict(rm_ckpt["model"])
     prompts = [p for p in load_prompts(cfg.prompts) if tasks.is_task_prompt(p)][:cfg.n]
+    if not prompts:
+        raise UserError(f"{cfg.prompts}: none of its prompts is one of the built-in task's (the gold score needs "
+                        f"them)")
     g = torch.Generator(device=device).manual_seed(cfg.seed)
 
     def rm_scores(samples, prompts_):
@@ -129,9 +148,8 @@ def main(cfg: EvalConfig):
     summary["gain"], summary["gain_se"] = gain, se_gain
     text = "\n".join(lines)
     print(text)
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(text + "\n")
-    Path(cfg.out).with_suffix(".json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_text(Path(cfg.out).with_suffix(".json"), json.dumps(summary, indent=1) + "\n")
+    write_text(cfg.out, text + "\n")
 
 
 if __name__ == "__main__":

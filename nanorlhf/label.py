@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from nanorlhf.config import UserError, run
+from nanorlhf.config import (at_least, check_room, check_writable, file_name, finite, in_range, positive, run,
+                             seed_range)
 from nanorlhf.data import load_prompts, load_rankings
 from nanorlhf.sample import END, load_policy, respond
 
@@ -55,6 +56,16 @@ class Config:
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
 
+    def __post_init__(self):  # ranges of the flags, checked whenever a Config is made (nanorlhf/config.py)
+        finite(self)
+        file_name(self, "ckpt", "prompts", "out")
+        at_least(self, 2, "k")  # a ranking compares responses
+        at_least(self, 1, "max_new_tokens")
+        positive(self, "temperature")  # 0 (greedy) would draw the same response K times
+        at_least(self, 0, "top_k", "threads")
+        in_range(self, "top_p", 0, 1, lo_open=True)
+        seed_range(self)
+
 
 def draw_responses(model, prompt, cfg: Config, seed: int, rounds: int = 3) -> list[str]:
     """Up to K distinct responses (a ranking of two equal texts teaches nothing): a few rounds of K samples."""
@@ -71,11 +82,14 @@ def draw_responses(model, prompt, cfg: Config, seed: int, rounds: int = 3) -> li
 
 
 def parse_ranking(text: str, k: int):
-    """'3 1 4 2' (or '3,1,4,2', or '3142' when k <= 9) -> [2, 0, 3, 1] (0-based, best first); None if invalid."""
+    """'3 1 4 2' (or '3,1,4,2', or '3142' when k <= 9) -> [2, 0, 3, 1] (0-based, best first); None if invalid.
+
+    Numbers are decimal digits (any script's, as int() reads them); '²' or '①' are digits to str.isdigit() but
+    no number to int(), and make the answer invalid like any other text."""
     parts = [p for p in re.split(r"[\s,>]+", text.strip()) if p]
     if len(parts) == 1 and k <= 9 and len(parts[0]) == k:
         parts = list(parts[0])
-    if not all(p.isdigit() for p in parts):
+    if not all(p.isdecimal() for p in parts):
         return None
     order = [int(p) - 1 for p in parts]
     if sorted(order) != list(range(k)):
@@ -112,25 +126,27 @@ def ask(k):
 
 
 def main(cfg: Config):
-    if cfg.k < 2:
-        raise UserError("--k must be at least 2: a ranking compares responses")
+    out = Path(cfg.out)
+    check_writable(out, "--out")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_policy(cfg.ckpt, device)
+    check_room(cfg.max_new_tokens, model.config.block_size, cfg.ckpt)
     prompts = load_prompts(cfg.prompts)
-    out = Path(cfg.out)
     done = Counter()  # prompts already ranked, counted: a prompt listed twice is labeled twice
-    if out.exists() and out.read_text().strip():
+    if out.exists() and out.read_bytes().strip():
         done.update(prompt for prompt, _ in load_rankings(out))
     todo = sum((Counter(prompts) - done).values())
     print(f"{sum(done.values())} rankings already in {out}; {todo} of {len(prompts)} prompts to go")
     if todo == 0:
         return
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # typed bytes that are not UTF-8 become U+FFFD: asked again
     out.parent.mkdir(parents=True, exist_ok=True)
     labeled = 0
     with open(out, "a") as f:
-        if out.stat().st_size and not out.read_text().endswith("\n"):  # a hand-edited file: keep records apart
+        if out.stat().st_size and not out.read_bytes().endswith(b"\n"):  # a hand-edited file: keep records apart
             f.write("\n")
         for i, prompt in enumerate(prompts):
             if done[prompt] > 0:

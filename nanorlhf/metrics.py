@@ -2,12 +2,17 @@
 
     log = MetricsLog("out/ppo")                 # appends: a resumed run continues the same file
     log = MetricsLog("out/ppo", upto=120)       # resuming from step 120: drops the later records, then appends
+    log = MetricsLog("out/ppo", fresh=True, staged=staged)   # a new run: see below
     log.log(step, reward=1.3, kl=0.02)          # -> {"step": 100, "reward": 1.3, "kl": 0.02}
     records = read_metrics("out/ppo")           # [{"step": ..., ...}, ...]; `python -m nanorlhf.plot out/ppo`
 
 Each record is written and flushed at once, so a crash loses at most the line being written (read_metrics skips
 a cut-off last line). With several processes (DDP), log from rank 0 only: the others would append the same
 figures again, or interleave half lines.
+
+A new run (fresh) with a checkpoint.Staged writes metrics.jsonl.new beside the previous run's metrics.jsonl, and
+staged.commit() (right before the run's first checkpoint) moves it over the old file; later records go on into
+metrics.jsonl. A run that fails before its first checkpoint leaves the previous run's file as it was.
 """
 
 import json
@@ -34,12 +39,18 @@ def as_number(name, value):
 class MetricsLog:
     """Append-only JSONL metrics for one run. Call log() on rank 0 only (see the module docstring)."""
 
-    def __init__(self, run_dir, fresh=False, upto=None):
+    def __init__(self, run_dir, fresh=False, upto=None, staged=None):
         self.path = Path(run_dir) / FILENAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fresh and staged is not None:  # beside the previous run's file until staged.commit()
+            self.file = open(staged.path(self.path), "w")
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create {self.path.parent} ({e.strerror or e})") from None
         if upto is not None and not fresh and self.path.exists():
             keep_upto(self.path, upto)  # a resumed run: the steps after its checkpoint are logged again
-        self.file = open(self.path, "w" if fresh else "a")  # fresh: a new run replaces an old run's file
+        self.file = open(self.path, "w" if fresh else "a")  # fresh without staging: replaces an old run's file
 
     def log(self, step: int, **figures) -> dict:
         record = {"step": int(step), **{k: as_number(k, v) for k, v in figures.items()}}
@@ -62,7 +73,7 @@ def keep_upto(path, step: int) -> None:
     """Rewrite a metrics file (atomically) with only its records up to `step`, and without a cut-off last line."""
     path = Path(path)
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
             r = json.loads(line)
         except json.JSONDecodeError:
@@ -81,13 +92,22 @@ def read_metrics(run_dir) -> list[dict]:
         path = path / FILENAME
     if not path.exists():
         raise UserError(f"{path}: no such file (a run writes it through nanorlhf.metrics.MetricsLog)")
-    lines = path.read_text().splitlines()
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a metrics file")
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if lines and not lines[-1]:
+        lines.pop()  # the newline that ends the last record
     records = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            r = json.loads(line)
+            r = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {line[e.start]:#04x})") from None
         except json.JSONDecodeError as e:
             if lineno == len(lines):  # the run was killed mid-write: only the last line can be cut off
                 break

@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from nanorlhf.config import UserError
+from nanorlhf.config import UserError, check_writable
 from nanorlhf.metrics import is_number, read_metrics
 
 GROUPS = [  # (file name, words), in matching order
@@ -60,6 +60,7 @@ def draw(ax, records, key):
 
 def plot_run(run_dir, out_dir=None) -> list[Path]:
     """Write the PNGs for run_dir's metrics into out_dir (default: run_dir); returns their paths."""
+    records = read_metrics(run_dir)  # a mistake in the input first, whether or not matplotlib is there
     try:
         import matplotlib
     except ImportError:
@@ -67,13 +68,16 @@ def plot_run(run_dir, out_dir=None) -> list[Path]:
     matplotlib.use("Agg")  # files only: no display needed (servers, SSH)
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
     keys = {k for r in records for k, v in r.items() if k not in X_KEYS and is_number(v)}
     keys -= {k for k in keys if k.endswith("_se") and k[:-3] in keys}  # drawn as bands, not curves
     if not keys:
         raise UserError(f"{run_dir}: no numeric metrics to plot")
     out_dir = Path(out_dir or (Path(run_dir).parent if Path(run_dir).suffix == ".jsonl" else run_dir))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_writable(out_dir, "--out", directory=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out_dir}: cannot be created ({e.strerror or e})") from None
     groups = {}
     for key in sorted(keys):
         groups.setdefault(group_of(key), []).append(key)

@@ -25,10 +25,19 @@ import torch
 
 from nanorlhf.config import UserError
 from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.tokenizer import EOT
 
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 BUFFERS = (".attn.bias", ".attn.masked_bias")  # the leading dot keeps ".attn.c_attn.bias" out
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which our GPT uses; GPT-2's config says 1e-5 too
+VOCAB_SIZE = EOT + 1  # the tokenizer is GPT-2's BPE: 50,257 tokens, <|endoftext|> the last
+
+
+def check_vocab(vocab_size, source) -> None:
+    """Weights trained with another vocabulary would meet token ids they have no row for (or rows no token is)."""
+    if vocab_size != VOCAB_SIZE:
+        raise UserError(f"{source}: vocab_size {vocab_size} is not GPT-2's {VOCAB_SIZE} (nanorlhf's tokenizer is "
+                        f"GPT-2's BPE: these weights were trained with another)")
 
 
 def gpt_config(hf: dict, source) -> GPTConfig:
@@ -51,6 +60,12 @@ def gpt_config(hf: dict, source) -> GPTConfig:
         raise UserError(f"{source}: n_inner {hf['n_inner']} is not 4 * n_embd")
     if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("scale_attn_weights") is False:
         raise UserError(f"{source}: attention scaling other than 1/sqrt(head size) is not supported")
+    for name in ("n_layer", "n_head", "n_embd", "vocab_size"):
+        if hf[name] < 1:
+            raise UserError(f"{source}: field '{name}' must be at least 1, got {hf[name]}")
+    if block_size < 1 or hf["n_embd"] % hf["n_head"]:
+        raise UserError(f"{source}: n_positions {block_size} must be at least 1 and n_embd {hf['n_embd']} a "
+                        f"multiple of n_head {hf['n_head']}")
     return GPTConfig(block_size=block_size, vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                      n_head=hf["n_head"], n_embd=hf["n_embd"], bias=True)
 
@@ -65,8 +80,10 @@ def read_tensors(directory: Path) -> dict:
             from safetensors.torch import load_file
         except ImportError:
             raise UserError(f"{directory} holds safetensors weights: pip install safetensors") from None
-        files = [single] if single.exists() else sorted({directory / f for f in
-                                                         json.loads(index.read_text())["weight_map"].values()})
+        weight_map = {} if single.exists() else read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no 'weight_map' object")
+        files = [single] if single.exists() else sorted({directory / f for f in weight_map.values()})
         tensors = {}
         for f in files:
             try:
@@ -80,6 +97,20 @@ def read_tensors(directory: Path) -> dict:
         except Exception as e:
             raise UserError(f"{legacy} could not be read ({type(e).__name__}: {e})") from None
     raise UserError(f"{directory}: no model.safetensors or pytorch_model.bin")
+
+
+def read_json(path) -> dict:
+    """A JSON file as a dict, or a one-line UserError (not a file, not UTF-8, not JSON, not an object)."""
+    try:
+        d = json.loads(Path(path).read_bytes())
+    except OSError as e:
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except ValueError as e:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+        where = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise UserError(f"{path}: not valid JSON{where} ({getattr(e, 'msg', None) or e.reason})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def convert(hf_tensors: dict, cfg: GPTConfig, source) -> dict:
@@ -148,11 +179,12 @@ def download(name: str) -> Path:
     return config.parent
 
 
-def load_gpt2(name_or_path, dropout: float = 0.0) -> GPT:
+def load_gpt2(name_or_path, dropout: float = 0.0, vocab_size: int | None = VOCAB_SIZE) -> GPT:
     """A GPT with GPT-2's weights, in fp32 on the CPU (move and cast it yourself), in training mode.
 
     name_or_path: a directory in Hugging Face format, or a Hub name: gpt2 (124M), gpt2-medium (350M), gpt2-large
-    (774M), gpt2-xl (1.5B), openai-community/gpt2, ... dropout: for fine-tuning (keep 0 for RL).
+    (774M), gpt2-xl (1.5B), openai-community/gpt2, ... dropout: for fine-tuning (keep 0 for RL). vocab_size: the
+    vocabulary the weights must have, refused at once otherwise (GPT-2's 50,257, the tokenizer's); None takes any.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():
@@ -166,11 +198,9 @@ def load_gpt2(name_or_path, dropout: float = 0.0) -> GPT:
     config_file = directory / "config.json"
     if not config_file.exists():
         raise UserError(f"{directory}: no config.json (expected a Hugging Face GPT-2 directory)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{config_file}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    cfg = replace(gpt_config(hf, config_file), dropout=dropout)
+    cfg = replace(gpt_config(read_json(config_file), config_file), dropout=dropout)
+    if vocab_size is not None:
+        check_vocab(cfg.vocab_size, config_file)  # before reading the weights (1.5B: 6 GB)
     state = convert(read_tensors(directory), cfg, directory)
     # Build on the meta device (no memory, no random init: 1.5B parameters would take a while), then adopt the
     # loaded tensors as the parameters. assign=True gives lm_head its own Parameter, so we tie it again after.

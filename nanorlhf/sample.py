@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from nanorlhf import checkpoint
-from nanorlhf.config import UserError, run
+from nanorlhf.config import UserError, at_least, check_room, file_name, finite, in_range, run, seed_range
 from nanorlhf.model import GPT
 from nanorlhf.pretrained import load_gpt2
 from nanorlhf.rollout import generate
@@ -46,6 +46,14 @@ class Config:
     """nucleus sampling: the smallest set of tokens holding this much probability (1: all)"""
     seed: int = 0
     """random seed (-1: a different one each run)"""
+
+    def __post_init__(self):  # ranges of the flags, checked whenever a Config is made (nanorlhf/config.py)
+        finite(self)
+        file_name(self, "ckpt")
+        at_least(self, 1, "n", "max_new_tokens")
+        at_least(self, 0, "temperature", "top_k")
+        in_range(self, "top_p", 0, 1, lo_open=True)
+        seed_range(self, lowest=-1)
 
 
 def load_policy(path, device="cpu") -> GPT:
@@ -89,10 +97,11 @@ def read_prompts(interactive: bool):
 
 
 def main(cfg: Config):
-    if cfg.n < 1:
-        raise UserError("--n must be at least 1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_policy(cfg.ckpt, device)
+    check_room(cfg.max_new_tokens, model.config.block_size, cfg.ckpt)
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # typed or piped bytes that are not UTF-8 become U+FFFD, not a crash
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed if cfg.seed >= 0 else int.from_bytes(os.urandom(4), "little"))
     interactive = not cfg.prompt and sys.stdin.isatty()

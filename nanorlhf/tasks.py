@@ -27,6 +27,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from nanorlhf.config import (UserError, at_least, check_writable, file_name, finite, in_range, require, run,
+                             seed_range)
 from nanorlhf.data import write_jsonl
 
 TASKS = ("Sort", "Reverse", "Largest", "Count")
@@ -54,6 +56,21 @@ class TaskConfig:
     """probability that the demonstrator writes a flawed answer"""
     seed: int = 0
     """random seed"""
+
+    def __post_init__(self):  # ranges of the flags, checked whenever a TaskConfig is made (nanorlhf/config.py)
+        finite(self)
+        file_name(self, "out")
+        at_least(self, 1, "n_sft", "n_train_prompts", "n_eval_prompts")
+        at_least(self, 2, "min_len")  # a flawed list answer swaps, drops or repeats among two numbers or more
+        require(self.max_len >= self.min_len, f"--max_len must be at least --min_len {self.min_len}, got "
+                                              f"{self.max_len}")
+        in_range(self, "error_rate", 0, 1)
+        seed_range(self)
+        n = self.n_train_prompts + self.n_eval_prompts
+        require(n <= distinct_prompts(self.min_len, self.max_len) // 2,
+                f"--n_train_prompts + --n_eval_prompts ({n}) must be at most half of the "
+                f"{distinct_prompts(self.min_len, self.max_len)} distinct prompts of lists of --min_len "
+                f"{self.min_len} to --max_len {self.max_len} numbers: widen the lengths")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -89,6 +106,11 @@ def format_answer(answer: list[int]) -> str:
     return "".join(f" {a}" for a in answer)  # " 1 3 4 9": one GPT-2 token per number
 
 
+def distinct_prompts(min_len: int, max_len: int) -> int:
+    """How many different prompts lists of min_len..max_len digits make (4 tasks x 10^L lists of each length L)."""
+    return len(TASKS) * sum(10 ** n for n in range(min_len, max_len + 1))
+
+
 def random_prompt(rng: random.Random, min_len=3, max_len=6) -> str:
     items = [rng.randrange(10) for _ in range(rng.randint(min_len, max_len))]
     return make_prompt(rng.choice(TASKS), items)
@@ -105,7 +127,7 @@ def make_prompts(n: int, rng: random.Random, exclude=frozenset(), min_len=3, max
             seen.add(p)
             out.append(p)
     if len(out) < n:
-        raise ValueError(f"could only make {len(out)} distinct prompts of {n}: widen min_len..max_len")
+        raise UserError(f"could only make {len(out)} distinct prompts of {n}: widen --min_len..--max_len")
     return out
 
 
@@ -200,6 +222,9 @@ def write_default_data(cfg: TaskConfig) -> dict:
     train_prompts = make_prompts(cfg.n_train_prompts, rng, held_out, cfg.min_len, cfg.max_len)
     sft_prompts = [random_prompt(rng, cfg.min_len, cfg.max_len) for _ in range(4 * cfg.n_sft)]
     sft_prompts = [p for p in sft_prompts if p not in held_out][:cfg.n_sft]
+    if len(sft_prompts) < cfg.n_sft:
+        raise UserError(f"only {len(sft_prompts)} of --n_sft {cfg.n_sft} demonstrations avoid the held-out prompts: "
+                        f"widen --min_len..--max_len or hold out fewer")
     out = Path(cfg.out)
     paths = dict(sft=out / "sft.jsonl", prompts_train=out / "prompts_train.jsonl",
                  prompts_eval=out / "prompts_eval.jsonl")
@@ -209,9 +234,14 @@ def write_default_data(cfg: TaskConfig) -> dict:
     return paths
 
 
-if __name__ == "__main__":
-    from nanorlhf.config import parse_args
-
-    cfg = parse_args(TaskConfig)
+def main(cfg: TaskConfig):
+    out = Path(cfg.out)
+    check_writable(out, "--out", directory=True)
+    for name in ("sft.jsonl", "prompts_train.jsonl", "prompts_eval.jsonl"):
+        check_writable(out / name, "--out")
     for name, path in write_default_data(cfg).items():
         print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run(main, TaskConfig)

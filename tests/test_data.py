@@ -1,3 +1,4 @@
+import gzip
 import json
 
 import pytest
@@ -61,7 +62,7 @@ def test_missing_checkpoint_names_the_script(tmp_path):
 def test_a_mid_run_checkpoint_is_refused_downstream(tmp_path):
     from nanorlhf.model import GPT, GPTConfig
 
-    model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=1, n_embd=8))
+    model = GPT(GPTConfig(block_size=8, n_layer=1, n_head=1, n_embd=8))
     checkpoint.save(tmp_path / "rm.pt", model, kind="rm", step=3, resume={})
     with pytest.raises(UserError, match=r"stopped at step 3 before it finished: complete it with `python train_rm.py "
                                         r"--resume`"):
@@ -157,3 +158,52 @@ def test_not_json_and_missing_file(tmp_path):
         load_preferences(tmp_path / "x.jsonl")
     with pytest.raises(UserError, match="no such file"):
         load_demonstrations(tmp_path / "nope.jsonl")
+
+
+GOOD = b'{"prompt": "a", "response": " b", "responses": [" b", " c"]}\n'  # a record every loader below takes
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("x.jsonl", GOOD + b'\n{"prompt": "caf\xe9"}\n', "x.jsonl:3: not UTF-8 text (byte 0xe9 at column 16)"),
+    ("x.jsonl.gz", GOOD, "x.jsonl.gz: not gzip data"),
+    ("x.jsonl.gz", gzip.compress(GOOD + b'{"prompt": "\xff"}\n'), "x.jsonl.gz:2: not UTF-8 text"),
+    ("x.jsonl.gz", gzip.compress(GOOD * 5000)[:200], "the gzip data is cut off or corrupt"),
+    ("x.jsonl", None, "x.jsonl: is a directory"),
+], ids=["not-utf8", "not-gzip", "not-utf8-in-gzip", "gzip-cut-off", "a-directory"])
+def test_unreadable_files_are_one_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    for load in (load_prompts, load_demonstrations, load_preferences):
+        with pytest.raises(UserError) as e:
+            load(path)
+        assert message in str(e.value) and "\n" not in str(e.value), load
+
+
+def test_a_byte_order_mark_and_crlf_line_ends_are_read(tmp_path):
+    path = write_bytes(tmp_path / "x.jsonl", b'\xef\xbb\xbf{"prompt": "a"}\r\n\r\n{"prompt": "b"}\r\n')
+    assert load_prompts(path) == ["a", "b"]
+
+
+def test_lines_are_counted_with_blank_lines(tmp_path):
+    path = write(tmp_path / "sft.jsonl", '\n{"prompt": "a", "response": " b"}\n\n\n{"prompt": "c", "response": " d"}\n')
+    assert load_demonstrations(path, with_lines=True) == [("a", " b" + E, 2), ("c", " d" + E, 5)]
+    write_jsonl(tmp_path / "hh.jsonl", [HH])
+    assert load_demonstrations(tmp_path / "hh.jsonl", with_lines=True) == [(HH_PROMPT, " It is 4." + E, 1)]
+    path = write(tmp_path / "u.jsonl", '\n\n{"text": "a"}\n')
+    with pytest.raises(UserError, match=r"u.jsonl:3: unknown format"):
+        load_prompts(path)
+
+
+def test_an_empty_prompt_is_refused_where_prompts_are_read(tmp_path):
+    path = write(tmp_path / "p.jsonl", '{"prompt": "a"}\n\n{"prompt": ""}\n')
+    with pytest.raises(UserError) as e:
+        load_prompts(path)
+    assert str(e.value) == f"{path}:3: field 'prompt' is empty (a prompt needs at least one token)"
+
+
+def write_bytes(path, data):
+    path.write_bytes(data)
+    return path

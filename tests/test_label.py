@@ -87,6 +87,10 @@ def test_parse_ranking():
     assert label.parse_ranking("312", 3) == [2, 0, 1]
     for bad in ["3 1 4", "3 1 4 4", "0 1 2 3", "a b c d", "", "1 2 3 4 5"]:
         assert label.parse_ranking(bad, 4) is None, bad
+    # digits to str.isdigit() that int() refuses (superscripts, circled digits) are no ranking: asked again
+    for bad in ["²¹", "² ¹", "①②", "1 ²", "\ufffd\ufffd", "-1 2", "1.0 2"]:
+        assert label.parse_ranking(bad, 2) is None, bad
+    assert label.parse_ranking("２ １", 2) == [1, 0]  # full-width digits are decimal digits: int() reads them
 
 
 def test_sample_cli_reads_prompts_from_stdin(ckpt, monkeypatch, capsys):

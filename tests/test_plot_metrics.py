@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from nanorlhf.checkpoint import Staged
 from nanorlhf.config import UserError
 from nanorlhf.metrics import MetricsLog, read_metrics
 from nanorlhf.plot import group_of, main, plot_run
@@ -99,3 +100,37 @@ def test_without_matplotlib_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
         main([str(tmp_path / "run")])
     assert e.value.code == 2
     assert capsys.readouterr().err == "error: plotting needs matplotlib: pip install matplotlib\n"
+
+
+def test_a_bad_metrics_file_is_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 0}\n{"step": 1, "x": "\xff"}\n{"step": 2}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:2: not UTF-8 text \(byte 0xff\)"):
+        read_metrics(tmp_path)
+    (tmp_path / "d" / "metrics.jsonl").mkdir(parents=True)
+    with pytest.raises(UserError, match="is a directory"):
+        read_metrics(tmp_path / "d")
+
+
+def test_a_fresh_run_replaces_the_old_metrics_only_when_it_commits(tmp_path):
+    with MetricsLog(tmp_path / "run") as old:
+        old.log(1, loss=9.0)
+    previous = (tmp_path / "run" / "metrics.jsonl").read_bytes()
+
+    with Staged() as staged:  # a run that fails before its first checkpoint
+        log = MetricsLog(tmp_path / "run", fresh=True, staged=staged)
+        log.log(1, loss=1.0)
+        assert (tmp_path / "run" / "metrics.jsonl.new").exists()  # beside the old file, flushed: it can be watched
+    assert (tmp_path / "run" / "metrics.jsonl").read_bytes() == previous
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+
+    with Staged() as staged:  # a run that commits (its first checkpoint), then goes on logging
+        log = MetricsLog(tmp_path / "run", fresh=True, staged=staged)
+        log.log(1, loss=1.0)
+        staged.commit()
+        log.log(2, loss=0.5)
+    assert [r["loss"] for r in read_metrics(tmp_path / "run")] == [1.0, 0.5]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["metrics.jsonl"]
+
+    with Staged() as staged:  # a new folder made for a run that never commits is removed with its file
+        MetricsLog(tmp_path / "new" / "run", fresh=True, staged=staged).log(1, loss=1.0)
+    assert not (tmp_path / "new").exists()

@@ -89,7 +89,7 @@ IDX = torch.tensor([[3, 14, 15, 9, 26, 5, 35, 60, 0, 42], [2, 7, 1, 8, 28, 18, 2
                                                       ("safetensors", "transformer.", False)])
 def test_logits_match_an_independent_gpt2_forward(tmp_path, fmt, prefix, with_lm_head):
     w = write_checkpoint(tmp_path / "gpt2-tiny", fmt=fmt, prefix=prefix, with_lm_head=with_lm_head)
-    model = load_gpt2(tmp_path / "gpt2-tiny").eval()
+    model = load_gpt2(tmp_path / "gpt2-tiny", vocab_size=None).eval()
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (2, 2, 16)
     assert (model.config.block_size, model.config.vocab_size) == (32, 61)
     assert model.lm_head.weight is model.transformer.wte.weight  # tied, and counted once
@@ -103,7 +103,7 @@ def test_logits_match_an_independent_gpt2_forward(tmp_path, fmt, prefix, with_lm
 def test_left_padded_rows_match_unpadded(tmp_path):
     """The loaded model is an ordinary GPT: padding (left_pad's start) leaves the real rows' logits unchanged."""
     w = write_checkpoint(tmp_path / "m")
-    model = load_gpt2(tmp_path / "m").eval()
+    model = load_gpt2(tmp_path / "m", vocab_size=None).eval()
     short = IDX[1:, 4:]
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1)
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_left_padded_rows_match_unpadded(tmp_path):
 def test_n_ctx_is_read_when_n_positions_is_absent(tmp_path):
     cfg = {k: v for k, v in TINY.items() if k != "n_positions"} | {"n_ctx": 32}
     write_checkpoint(tmp_path / "m", cfg=cfg)
-    assert load_gpt2(tmp_path / "m").config.block_size == 32
+    assert load_gpt2(tmp_path / "m", vocab_size=None).config.block_size == 32
 
 
 def test_matches_transformers_gpt2(tmp_path):
@@ -123,7 +123,7 @@ def test_matches_transformers_gpt2(tmp_path):
     hf_cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=61)
     ref = transformers.GPT2LMHeadModel(hf_cfg).eval()
     ref.save_pretrained(tmp_path / "hf")
-    model = load_gpt2(tmp_path / "hf").eval()
+    model = load_gpt2(tmp_path / "hf", vocab_size=None).eval()
     with torch.no_grad():
         torch.testing.assert_close(model.lm_logits(model(IDX)), ref(IDX).logits, atol=1e-4, rtol=1e-5)
 
@@ -136,6 +136,8 @@ def test_matches_transformers_gpt2(tmp_path):
     ("bad_shape", "has shape"),
     ("missing_tensor", "missing ['transformer.h.1.mlp.c_fc.bias']"),
     ("file", "is a file"),
+    ("config_not_utf8", "config.json: not valid JSON"),
+    ("config_is_a_dir", "config.json: cannot be read"),
 ])
 def test_bad_checkpoints_are_one_line_user_errors(tmp_path, setup, message):
     d = tmp_path / "m"
@@ -159,8 +161,15 @@ def test_bad_checkpoints_are_one_line_user_errors(tmp_path, setup, message):
     elif setup == "file":
         write_checkpoint(d)
         d = d / "config.json"
+    elif setup == "config_not_utf8":
+        write_checkpoint(d)
+        (d / "config.json").write_bytes(b'{"n_layer": 2, "model_type": "\xff"}')
+    elif setup == "config_is_a_dir":
+        write_checkpoint(d)
+        (d / "config.json").unlink()
+        (d / "config.json").mkdir()
     with pytest.raises(UserError) as e:
-        load_gpt2(d)
+        load_gpt2(d, vocab_size=None)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -168,3 +177,11 @@ def test_hub_name_without_huggingface_hub_says_what_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "huggingface_hub", None)  # makes the import fail
     with pytest.raises(UserError, match="pip install huggingface_hub"):
         load_gpt2("gpt2-medium")
+
+
+def test_another_vocabulary_is_refused_at_load_naming_both_sizes(tmp_path):
+    write_checkpoint(tmp_path / "m")  # vocab_size 61
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"not read")  # refused from config.json, before the weights
+    with pytest.raises(UserError) as e:
+        load_gpt2(tmp_path / "m")  # the default: the tokenizer's vocabulary, GPT-2's 50,257
+    assert "vocab_size 61 is not GPT-2's 50257" in str(e.value) and "config.json" in str(e.value)
