@@ -1,9 +1,10 @@
 # `make demo`: set up what is missing, then run the pipeline on the built-in task.
 # `make test`: set up what is missing, then run the tests.
+# `make bench`: set up what is missing, then the kernel benchmarks (on CPU: small sizes) and the PPO speed workload.
 PY ?= python3
 STAMP := .setup-done
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -24,6 +25,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) -m bench.attention
+	$(PY) -m bench.logprobs
+	$(PY) -m bench.ppo
 
 clean:
 	rm -rf out data $(STAMP)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from nanorlhf import checkpoint
-from nanorlhf.config import UserError, run
+from nanorlhf.config import DTYPES, UserError, at_least, one_of, require, run, seed_range
 from nanorlhf.data import write_jsonl
 from nanorlhf.model import GPT, GPTConfig, ScalarModel
 from nanorlhf.tokenizer import EOT, decode
@@ -64,12 +64,22 @@ class Config:
     seed: int = 0
     """seed of the random weights and prompts"""
 
+    def __post_init__(self):  # ranges of the flags, checked whenever a Config is made (nanorlhf/config.py)
+        at_least(self, 1, "iters", "n_layer", "n_head", "n_embd", "block_size", "prompt_len", "batch_size",
+                 "minibatch_size", "ppo_epochs", "max_new_tokens")
+        at_least(self, 0, "threads")
+        require(self.n_embd % self.n_head == 0, f"--n_embd must be a multiple of --n_head {self.n_head}, "
+                                                 f"got {self.n_embd}")
+        require(self.minibatch_size <= self.batch_size, f"--minibatch_size must be at most --batch_size "
+                                                        f"{self.batch_size}, got {self.minibatch_size}")
+        require(self.prompt_len + self.max_new_tokens <= self.block_size, f"--prompt_len {self.prompt_len} + "
+                f"--max_new_tokens {self.max_new_tokens} must fit in --block_size {self.block_size}")
+        one_of(self, "dtype", DTYPES)
+        seed_range(self)
+
 
 def write_workload(cfg: Config, d: Path) -> None:
     """Random policy/RM checkpoints and batch_size prompts of prompt_len random tokens into folder d."""
-    if cfg.prompt_len + cfg.max_new_tokens > cfg.block_size:
-        raise UserError(f"--prompt_len {cfg.prompt_len} + --max_new_tokens {cfg.max_new_tokens} exceeds "
-                        f"--block_size {cfg.block_size}")
     model_cfg = GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd)
     torch.manual_seed(cfg.seed)
     checkpoint.save(d / "sft.pt", GPT(model_cfg), kind="sft")
@@ -88,7 +98,8 @@ def run_ppo(cfg: Config, d: Path) -> list[dict]:
            "--ckpt_interval", 0, "--seed", cfg.seed]
     r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if r.returncode != 0:
-        raise UserError(f"train_ppo.py failed:\n{r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ''}")
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
+        raise UserError(f"train_ppo.py failed: {last}")
     return [json.loads(line) for line in open(d / "ppo" / "metrics.jsonl")]
 
 

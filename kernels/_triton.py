@@ -23,7 +23,7 @@ except ImportError:  # no Triton wheel for this platform
             def wrap(f):
                 def missing(*args, **kw):
                     raise RuntimeError(f"Triton is not installed, so the kernel {f.__name__} cannot run; "
-                                       "use NANORLHF_KERNELS=torch (the PyTorch reference)")
+                                       "use NANORLHF_KERNELS=torch (the PyTorch path)")
                 return missing
             return wrap(fn) if fn is not None else wrap
 

@@ -1,10 +1,14 @@
-"""The seams where our Triton kernels plug into the model: one function per kernel family.
+"""The seams where our Triton kernels plug into the model: attention() and token_logprobs().
 
-Each seam runs the Triton kernel for CUDA tensors (when Triton is installed) and PyTorch elsewhere. The environment
-variable NANORLHF_KERNELS forces a path, read at every call so tests can flip it:
-  auto    (default) Triton on CUDA, PyTorch otherwise
-  triton  always Triton (on CPU tensors this needs TRITON_INTERPRET=1 set before the kernels are imported)
-  torch   always PyTorch
+The environment variable NANORLHF_KERNELS chooses the implementation. It is read at every call, so a test can flip
+it with monkeypatch.setenv:
+  auto       (default) Triton for CUDA tensors the kernels take, when Triton is installed; the torch path otherwise
+  triton     always the Triton kernels (on CPU tensors this needs TRITON_INTERPRET=1 set before the kernels are
+             imported: Triton's interpreter, slow)
+  torch      the fast PyTorch path: SDPA with a padding mask; the chunked LM-head log-probs of kernels/logprobs.py
+  reference  the spec, a few lines of plain PyTorch (each kernel file's `reference`): masked softmax attention;
+             hidden @ W.T, log_softmax and gather. The slowest and the clearest, it runs the whole pipeline, forward
+             and backward through autograd, and is what the other paths must agree with.
 """
 
 import os
@@ -16,15 +20,20 @@ from kernels import attention as attention_kernels
 from kernels import logprobs as logprob_kernels
 from kernels._triton import HAVE_TRITON
 
+MODES = ("auto", "triton", "torch", "reference")
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Which path a seam takes for tensor x (see the module docstring)."""
+
+def _mode(x, kernels_take_it):
+    """The path of a call on tensor x, "triton", "torch" or "reference"; kernels_take_it: whether the Triton kernels
+    accept x (auto mode sends anything else to the torch path)."""
     mode = os.environ.get("NANORLHF_KERNELS", "auto")
-    if mode not in ("auto", "triton", "torch"):
-        raise ValueError(f"NANORLHF_KERNELS must be auto, triton or torch, not {mode!r}")
+    if mode not in MODES:
+        raise ValueError(f"NANORLHF_KERNELS must be one of {', '.join(MODES)}, not {mode!r}")
     if mode == "triton" and not HAVE_TRITON:
         raise RuntimeError("NANORLHF_KERNELS=triton but Triton is not installed")
-    return mode == "triton" or (mode == "auto" and x.is_cuda and HAVE_TRITON)
+    if mode == "auto":
+        return "triton" if x.is_cuda and HAVE_TRITON and kernels_take_it else "torch"
+    return mode
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -32,14 +41,19 @@ def use_triton(x: torch.Tensor) -> bool:
 
 def attention(q, k, v, start=None):
     """q (B, H, Tq, D), k and v (B, H, Tk, D) -> (B, H, Tq, D). Query i sits at key position Tk - Tq + i and sees
-    keys start[b] <= j <= Tk - Tq + i; start (B,) is each row's first real token (None: no padding).
+    keys start[b] <= j <= Tk - Tq + i; start (B,) is each row's first real token (None: no padding). A query that
+    sees no key (a padding position) outputs zeros.
 
     Training (Tq == Tk) and KV-cache decoding (a few new queries, k/v the cache's first Tk positions, possibly a
     strided view) both come here. The Triton path sends no-grad decoding to the split-KV decode kernels and the rest
     to the flash forward/backward; in auto mode, inputs the kernels do not take (float64, head dim > 256) use PyTorch.
     """
-    if use_triton(q) and (os.environ.get("NANORLHF_KERNELS") == "triton" or attention_kernels.supports(q)):
+    mode = _mode(q, attention_kernels.supports(q))
+    if mode == "triton":
         return attention_kernels.attention(q, k, v, start)
+    if mode == "reference":  # the spec in fp32 (its matmuls would be low precision under autocast)
+        with torch.autocast(q.device.type, enabled=False):
+            return attention_kernels.reference(q, k, v, start)
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if start is None and Tq == Tk:
@@ -61,81 +75,31 @@ def attention(q, k, v, start=None):
 # ----------------------------------------------------------------------------------------------------------------
 # Seam 2: log-probabilities of chosen tokens through the LM head (kernels/logprobs.py states the math).
 
-def _logprob_backend(x):
-    """"triton" or "torch" for the log-prob seams; in auto mode float64 (which the kernels do not take) uses PyTorch."""
-    if use_triton(x) and (os.environ.get("NANORLHF_KERNELS") == "triton" or x.dtype != torch.float64):
-        return "triton"
-    return "torch"
-
-
-def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False, *, mask=None):
+def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False):
     """log pi(targets) under softmax(hidden @ weight.T / temperature).
 
-    hidden (N, d), weight (V, d), targets (N,) -> logp (N,), and entropy (N,) if with_entropy. Differentiable in
-    hidden and weight. SFT's loss is -logp; PPO uses logp of the policy (with grad) and of the reference (without).
-    Leading dimensions are allowed: hidden (..., d), targets (...) -> (...). mask (...) bool: False positions
-    (padding) give 0 and zero gradient, and cost nothing. Outputs are fp32. The N x V logits are never all held at
-    once (kernels/logprobs.py: fused_logprobs; Triton on CUDA, chunked PyTorch elsewhere).
+    hidden (N, d), weight (V, d), targets (N,) -> logp (N,), and entropy (N,) if with_entropy; fp32, differentiable
+    in hidden and weight. SFT's loss is -logp; PPO uses logp of the policy (with grad) and of the reference (without),
+    and the entropy when a loss asks for it (it costs extra passes over the logits). The triton and torch paths
+    never hold all N x V logits at once (kernels/logprobs.py: fused_logprobs); the reference path does.
+
+    If weight's dtype differs from hidden's (hidden from autocast), weight is cast to hidden's, as autocast's matmul
+    would. Under autocast, hidden and weight are cast to autocast's dtype and the rest runs with autocast off: the
+    logits are products of low-precision operands, the log-softmax math stays fp32 on every path (autocast would
+    also turn the PyTorch path's own matmuls and sums into bf16), and forward and backward see the same logits.
     """
-    out = token_logprob_stats(hidden, weight, targets, temperature, mask=mask, with_entropy=with_entropy)
-    return (out.logp, out.entropy) if with_entropy else out.logp
-
-
-def token_logprob_stats(hidden, weight, targets, temperature=1.0, *, mask=None, with_entropy=False,
-                        ref_logprobs=None, ref_hidden=None, ref_weight=None, kl_estimator="k3"):
-    """token_logprobs with everything PPO needs in one pass: -> LogprobOutputs(logp, entropy, kl), fp32, shaped
-    like targets; entropy if with_entropy (else None), kl (else None):
-      ref_logprobs (...)                  the reference's log pi_ref(targets): kl is the estimator kl_estimator
-                                          (k1 = d, k2 = d^2/2, k3 = exp(-d) - 1 + d with d = logp - ref_logprobs)
-      ref_hidden (..., d_r), ref_weight   the reference's final hidden states and LM head: kl is the full
-                                          KL(pi || pi_ref) over the vocabulary (both at the same temperature)
-    Differentiable in hidden and weight; the reference gets no gradient. If hidden and weight differ in dtype (e.g.
-    hidden from autocast), weight is cast to hidden's dtype, as autocast's matmul would. Under autocast, hidden and
-    weight are cast to autocast's dtype and the kernels run with autocast off: the logits are low-precision
-    products, the log-softmax math stays fp32 in both paths (autocast would also turn the PyTorch path's own
-    matmuls and sums into bf16), and forward and backward see the same logits."""
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         low = torch.get_autocast_dtype(dev)
-        cast = lambda x: None if x is None else x.to(low)  # noqa: E731
         with torch.autocast(dev, enabled=False):
-            return token_logprob_stats(cast(hidden), cast(weight), targets, temperature, mask=mask,
-                                       with_entropy=with_entropy, ref_logprobs=ref_logprobs,
-                                       ref_hidden=cast(ref_hidden), ref_weight=cast(ref_weight),
-                                       kl_estimator=kl_estimator)
-    lead = targets.shape
-    d = hidden.shape[-1]
-    if hidden.shape[:-1] != lead:
-        raise ValueError(f"hidden {tuple(hidden.shape)} and targets {tuple(lead)} disagree")
+            return token_logprobs(hidden.to(low), weight.to(low), targets, temperature, with_entropy)
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
-    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
-    if ref_hidden is not None:
-        ref_hidden = ref_hidden.reshape(-1, ref_hidden.shape[-1])
-        ref_weight = ref_weight.to(ref_hidden.dtype)
-    backend = _logprob_backend(hidden)
-    out = logprob_kernels.fused_logprobs(hidden.reshape(-1, d), weight, targets.reshape(-1), temperature,
-                                         mask=flat(mask), with_entropy=with_entropy, ref_logprobs=flat(ref_logprobs),
-                                         ref_hidden=ref_hidden, ref_weight=ref_weight, kl_estimator=kl_estimator,
-                                         backend=backend)
-    return logprob_kernels.LogprobOutputs(*(None if o is None else o.reshape(lead) for o in out))
-
-
-def logits_logprobs(logits, targets, temperature=1.0, *, mask=None, with_entropy=False, ref_logprobs=None,
-                    ref_logits=None, kl_estimator="k3"):
-    """The same from logits already in memory: logits (..., V), targets (...) -> LogprobOutputs(logp, entropy, kl)
-    shaped like targets; ref_logits (..., V) gives the full KL. Differentiable in logits. One pass over the logits
-    forward and one backward (Triton on CUDA), instead of log_softmax's fp32 N x V tensors. Autocast is turned off
-    inside (fp32 math on logits of any dtype)."""
-    if torch.is_autocast_enabled(logits.device.type):
-        with torch.autocast(logits.device.type, enabled=False):
-            return logits_logprobs(logits, targets, temperature, mask=mask, with_entropy=with_entropy,
-                                   ref_logprobs=ref_logprobs, ref_logits=ref_logits, kl_estimator=kl_estimator)
-    lead, V = targets.shape, logits.shape[-1]
-    flat = lambda x: None if x is None else x.reshape(-1)  # noqa: E731
-    rows = lambda x: None if x is None else x.reshape(-1, V)  # noqa: E731
-    backend = _logprob_backend(logits)
-    out = logprob_kernels.logprobs(rows(logits), targets.reshape(-1), temperature, mask=flat(mask),
-                                   with_entropy=with_entropy, ref_logprobs=flat(ref_logprobs),
-                                   ref_logits=rows(ref_logits), kl_estimator=kl_estimator, backend=backend)
-    return logprob_kernels.LogprobOutputs(*(None if o is None else o.reshape(lead) for o in out))
+    mode = _mode(hidden, hidden.dtype != torch.float64)
+    if mode == "reference":
+        logits = hidden.float() @ weight.float().t()  # (N, V) fp32
+        logp, entropy = logprob_kernels.reference(logits, targets, temperature)  # log_softmax, gather; (N,) each
+    else:
+        logp, entropy, _ = logprob_kernels.fused_logprobs(hidden, weight, targets, temperature,
+                                                          with_entropy=with_entropy, backend=mode)
+    return (logp, entropy) if with_entropy else logp

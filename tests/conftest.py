@@ -49,6 +49,7 @@ def load_script(name):
     """A top-level script (train_sft, train_rm, train_ppo) as a module, for its Config and main()."""
     spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # where inspect finds its source (the Config's field docs are read from it)
     spec.loader.exec_module(module)
     return module
 

@@ -1,4 +1,5 @@
-"""Attention: the PyTorch seam against the reference (always), the Triton kernels against the reference (with Triton).
+"""Attention: the seam's PyTorch and reference paths against each other (always), the Triton kernels against the
+reference (with Triton).
 
 Without a GPU the kernels run through Triton's interpreter (conftest.py sets TRITON_INTERPRET=1): seconds per launch,
 so shapes are small. Every padded batch has a partly padded row and a fully padded one (start = T).
@@ -10,6 +11,7 @@ import torch
 from kernels import attention as attn
 from kernels._triton import HAVE_TRITON
 from nanorlhf import ops
+from nanorlhf.model import GPT, GPTConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="Triton is not installed (kernel tests need it)")
@@ -75,6 +77,56 @@ def test_reference_fully_padded_row_gives_zeros_and_finite_grads(monkeypatch):
     out.square().sum().backward()
     assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
     assert torch.equal(k.grad[2], torch.zeros_like(k.grad[2])), "padding keys get no gradient"
+
+
+@pytest.mark.parametrize("Tq,Tk", [(17, 17), (4, 33), (1, 33)])
+def test_seam_reference_path_matches_torch_path(monkeypatch, Tq, Tk):
+    """NANORLHF_KERNELS=reference (the spec) against =torch (SDPA with a mask): outputs and gradients, with left
+    padding (a fully padded row included: its queries give zeros, its keys get no gradient)."""
+    calls = []
+    real = attn.reference
+    monkeypatch.setattr(attn, "reference", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v = make(4, 2, Tq, Tk, 32, seed=Tq + Tk, grad=True)
+    do = torch.randn(4, 2, Tq, 32, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    results = {}
+    for mode in ("torch", "reference"):
+        monkeypatch.setenv("NANORLHF_KERNELS", mode)
+        for start in (None, padded_start(4, Tk)):
+            o = ops.attention(q, k, v, start)
+            results[mode, start is None] = (o, *torch.autograd.grad(o, (q, k, v), do))
+    assert len(calls) == 2, "NANORLHF_KERNELS=reference must run the spec, kernels/attention.py: reference"
+    for padded in (False, True):
+        for name, a, b in zip("O dQ dK dV".split(), results["reference", not padded], results["torch", not padded]):
+            assert torch.isfinite(a).all(), f"{name}: the reference path gave NaN or inf"
+            close(a, b, torch.float32, f"{name}, padded={padded}")
+    o_ref, _, dk_ref, _ = results["reference", False]
+    assert torch.equal(o_ref[2], torch.zeros_like(o_ref[2])) and torch.equal(dk_ref[2], torch.zeros_like(dk_ref[2]))
+
+
+def test_reference_mode_runs_the_model_like_the_torch_mode(monkeypatch):
+    """The whole model through the seams under NANORLHF_KERNELS=reference: a left-padded batch gives the log-probs
+    and parameter gradients of =torch, to fp32 rounding (both seams: attention and token_logprobs)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=24, vocab_size=64, n_layer=2, n_head=2, n_embd=16)).to(DEVICE)
+    idx = torch.randint(0, 64, (3, 20), generator=torch.Generator().manual_seed(3)).to(DEVICE)  # (B, T)
+    start = torch.tensor([0, 5, 13], device=DEVICE)  # (B,) first real token of each row
+    real = torch.arange(1, 20, device=DEVICE)[None, :] > start[:, None]  # (B, T - 1) targets after the padding
+    runs = {}
+    for mode in ("torch", "reference"):
+        monkeypatch.setenv("NANORLHF_KERNELS", mode)
+        model.zero_grad()
+        hidden = model(idx, start)  # (B, T, C)
+        logp, ent = ops.token_logprobs(hidden[:, :-1][real], model.lm_head.weight, idx[:, 1:][real], 0.9, True)
+        (ent.mean() - logp.mean()).backward()
+        runs[mode] = [logp.detach(), ent.detach()] + [p.grad.clone() for p in model.parameters()]
+    for i, (a, b) in enumerate(zip(runs["reference"], runs["torch"])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=lambda m: f"output / gradient {i}: {m}")
+
+
+def test_unknown_kernels_mode_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("NANORLHF_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="auto, triton, torch, reference"):
+        ops.attention(*make(1, 1, 2, 2, 16))
 
 
 def test_input_errors_are_one_line_value_errors():

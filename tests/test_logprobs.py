@@ -1,4 +1,4 @@
-"""kernels/logprobs.py and the seams nanorlhf.ops.token_logprobs / token_logprob_stats / logits_logprobs.
+"""kernels/logprobs.py and the seam nanorlhf.ops.token_logprobs (its triton, torch and reference paths).
 
 Reference tests run everywhere; kernel tests need Triton (on CPU they run in its interpreter, so shapes stay small).
 Outputs and gradients are judged against the plain PyTorch spec (log_softmax + gather, autograd) or
@@ -230,30 +230,73 @@ def test_fused_torch_path_matches_naive(case):
 
 def test_seam_signature_and_torch_path(monkeypatch):
     """token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False) keeps working, positional
-    arguments included; leading dimensions, mask, and the PPO extras of token_logprob_stats."""
+    arguments included: fp32 (N,) outputs equal to the spec, gradients to hidden and weight."""
     monkeypatch.setenv("NANORLHF_KERNELS", "torch")
     g = torch.Generator().manual_seed(4)
-    h = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    h = torch.randn(15, 16, generator=g, requires_grad=True)
     w = (torch.randn(300, 16, generator=g) * 0.5).requires_grad_()
-    y = torch.randint(0, 300, (3, 5), generator=g)
-    logp = ops.token_logprobs(h.reshape(15, 16), w, y.reshape(15))
+    y = torch.randint(0, 300, (15,), generator=g)
+    logp = ops.token_logprobs(h, w, y)
     assert logp.shape == (15,) and logp.dtype == torch.float32
     logp2, ent = ops.token_logprobs(h, w, y, 0.7, True)
-    ref = L.reference_logprobs(h.detach().reshape(15, 16) @ w.detach().t(), y.reshape(15), 0.7)
-    _close(logp2.reshape(15), ref.logp, 1e-5)
-    _close(ent.reshape(15), ref.entropy, 1e-5)
+    ref = L.reference_logprobs(h.detach() @ w.detach().t(), y, 0.7)
+    _close(logp2, ref.logp, 1e-5)
+    _close(ent, ref.entropy, 1e-5)
     (logp2.sum() + ent.sum()).backward()
     assert h.grad.shape == h.shape and w.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("with_entropy", [False, True])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_seam_reference_path_matches_torch_path(monkeypatch, with_entropy, autocast):
+    """NANORLHF_KERNELS=reference (hidden @ W.T, log_softmax, gather) against =torch (the chunked LM-head path):
+    outputs and gradients to hidden and weight, at temperature 0.7, with output gradients != 1; under bf16 autocast
+    both take the same bf16-rounded operands and compute in fp32."""
+    calls = []
+    real = L.reference
+    monkeypatch.setattr(L, "reference", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(5)
+    h, w = torch.randn(40, 24, generator=g), torch.randn(1271, 24, generator=g) * 0.4
+    y = torch.randint(0, 1271, (40,), generator=g)
+    grads = _grads(40, 6)
+    runs = {}
+    for mode in ("torch", "reference"):
+        monkeypatch.setenv("NANORLHF_KERNELS", mode)
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            out = ops.token_logprobs(hh, ww, y, 0.7, with_entropy)
+        logp, ent = out if with_entropy else (out, None)
+        assert logp.dtype == torch.float32
+        _loss(L.LogprobOutputs(logp, ent), grads).backward()
+        runs[mode] = (logp, ent, hh.grad, ww.grad)
+    assert calls, "NANORLHF_KERNELS=reference must run the spec, kernels/logprobs.py: reference"
+    (lp, ent, dh, dw), (rlp, rent, rdh, rdw) = runs["reference"], runs["torch"]
+    _close(lp, rlp, 1e-5, 1e-5)
+    if with_entropy:
+        _close(ent, rent, 1e-5, 1e-5)
+    tol = 8e-3 if autocast else 1e-5  # autocast: the gradients reach the fp32 leaves through bf16 (one ulp apart)
+    _close(dh, rdh, tol * rdh.abs().max().item(), 1e-4)
+    _close(dw, rdw, tol * rdw.abs().max().item(), 1e-4)
+
+
+def test_kernel_module_extras_on_the_torch_path():
+    """What PPO may ask of kernels/logprobs.py beyond the seam: the k1 estimator with a mask, the full KL (0 for a
+    model against itself), and log-probs from logits already in memory."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(15, 16, generator=g, requires_grad=True)
+    w = (torch.randn(300, 16, generator=g) * 0.5).requires_grad_()
+    y = torch.randint(0, 300, (15,), generator=g)
     mask = y > 100
-    lp3 = ops.token_logprobs(h, w, y, mask=mask)
-    assert (lp3[~mask] == 0).all() and torch.equal(lp3[mask], ops.token_logprobs(h[mask], w, y[mask]))
-    ref_lp = lp3.detach() - 0.1
-    st = ops.token_logprob_stats(h, w, y, mask=mask, with_entropy=True, ref_logprobs=ref_lp, kl_estimator="k1")
+    lp = L.fused_logprobs(h, w, y, mask=mask, backend="torch").logp
+    assert (lp[~mask] == 0).all() and torch.equal(lp[mask], L.fused_logprobs(h[mask], w, y[mask], backend="torch").logp)
+    ref_lp = lp.detach() - 0.1
+    st = L.fused_logprobs(h, w, y, mask=mask, with_entropy=True, ref_logprobs=ref_lp, kl_estimator="k1",
+                          backend="torch")
     _close(st.kl, torch.where(mask, st.logp - ref_lp, 0.0), 1e-6)
-    st = ops.token_logprob_stats(h, w, y, ref_hidden=h.detach(), ref_weight=w.detach())
-    _close(st.kl, torch.zeros(3, 5), 1e-5)  # KL of a model to itself
-    out = ops.logits_logprobs(h.detach() @ w.detach().t(), y, with_entropy=True)
-    _close(out.logp, ops.token_logprobs(h, w, y).detach(), 1e-5)
+    st = L.fused_logprobs(h, w, y, ref_hidden=h.detach(), ref_weight=w.detach(), backend="torch")
+    _close(st.kl, torch.zeros(15), 1e-5)  # KL of a model to itself
+    out = L.logprobs(h.detach() @ w.detach().t(), y, with_entropy=True, backend="torch")
+    _close(out.logp, L.fused_logprobs(h, w, y, backend="torch").logp.detach(), 1e-5)
 
 
 def test_errors_are_clear():
@@ -452,8 +495,8 @@ def test_seam_takes_the_triton_path(monkeypatch):
     monkeypatch.setattr(L, "launch_forward", fwd)
     monkeypatch.setattr(L, "launch_backward", bwd)
     g = torch.Generator().manual_seed(12)
-    h, w, y = _dev(torch.randn(2, 4, 8, generator=g), torch.randn(200, 8, generator=g),
-                   torch.randint(0, 200, (2, 4), generator=g))
+    h, w, y = _dev(torch.randn(8, 8, generator=g), torch.randn(200, 8, generator=g),
+                   torch.randint(0, 200, (8,), generator=g))
     h, w = h.requires_grad_(), w.requires_grad_()
     monkeypatch.setenv("NANORLHF_KERNELS", "triton")
     logp, ent = ops.token_logprobs(h, w, y, 1.3, with_entropy=True)
