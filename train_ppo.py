@@ -17,8 +17,9 @@ Writes out/ppo.pt (the policy under "model", the value function under "value")
 
 import random
 import statistics
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,13 +28,13 @@ from tqdm import tqdm
 from nanorlhf import checkpoint, cpu, dist, ppo
 from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint_name, file_name, finite, in_range,
                              one_of, positive, require, run, seed_range)
-from nanorlhf.data import load_prompts, load_sft
+from nanorlhf.data import encode_lm_data, load_prompts
 from nanorlhf.evaluate import gold_eval
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import GPT, ScalarModel
 from nanorlhf.optim import adamw, set_lr
 from nanorlhf.rollout import generate, response_logprobs, response_mask, response_values
-from nanorlhf.sft import encode_example, make_batch, sft_loss
+from nanorlhf.sft import make_batch, sft_loss
 from nanorlhf.tokenizer import encode
 
 
@@ -50,6 +51,8 @@ class Config:
     data: str = ""
     """prompts to roll out on, from a file in any format of README "Data formats" (prompts, demonstrations,
     rankings, pairs, HH-RLHF, TL;DR), each distinct prompt once; "" = --prompts"""
+    keep_articles: bool = False
+    """TL;DR comparisons: keep the CNN/DM news records (no "post"; skipped by default, with a count) as prompts"""
     eval_prompts: str = "data/prompts_eval.jsonl"
     """held-out prompts for the gold score ("" to skip; only the built-in task's prompts are scored)"""
     out: str = "out/ppo.pt"
@@ -74,7 +77,7 @@ class Config:
     temperature: float = 1.0
     """sampling temperature; the log-probs are computed at the same temperature"""
     max_new_tokens: int = 16
-    """longest response"""
+    """longest response (a run whose first rollouts mostly do not end says so: fit it to the data's replies)"""
     no_eos_penalty: float = -5.0
     """score given, instead of the RM's, to a response that never produced <|endoftext|>"""
     init_kl_coef: float = 0.2
@@ -100,7 +103,8 @@ class Config:
     ptx_coef: float = 0.0
     """PPO-ptx (InstructGPT eq. 2): weight of the LM loss on ptx_data mixed into the policy loss"""
     ptx_data: str = "data/sft.jsonl"
-    """PPO-ptx: demonstrations {"prompt", "response"} for the LM loss on their responses"""
+    """PPO-ptx: pretraining text (a .txt file or JSONL {"text"}: the LM loss on every token) or demonstrations (any
+    format of README "Data formats": the loss on their responses)"""
     grad_clip: float = 1.0
     """clip each model's gradient norm (0: off)"""
     eval_interval: int = 25
@@ -141,13 +145,17 @@ class Config:
 
 
 def load_models(cfg, device):
-    """policy, reference, reward model and value function, checked to share one configuration."""
+    """policy, reference, reward model and value function, all without dropout (RL needs exact log-probs and
+    values; lm-human-preferences does the same). The RM, and so the value function, may be of another GPT-2 size
+    than the policy (InstructGPT: a 6B RM for its 175B policy): the tokenizer is GPT-2's for both (checked at load),
+    and its context must hold every rollout."""
     sft = checkpoint.load(cfg.sft, made_by="train_sft.py", kind="sft")
     rm_ckpt = checkpoint.load(cfg.rm, made_by="train_rm.py", kind="rm")
-    policy_cfg, rm_cfg = checkpoint.model_config(sft), checkpoint.model_config(rm_ckpt)
-    if policy_cfg != rm_cfg:
-        raise UserError(f"the reward model's trunk ({cfg.rm}: {rm_cfg}) does not match the policy's "
-                        f"({cfg.sft}: {policy_cfg}); train the RM from this SFT checkpoint")
+    policy_cfg = replace(checkpoint.model_config(sft), dropout=0.0)  # SFT's or the RM's dropout stays behind
+    rm_cfg = replace(checkpoint.model_config(rm_ckpt), dropout=0.0)
+    if rm_cfg.block_size < policy_cfg.block_size:
+        raise UserError(f"the reward model's context ({cfg.rm}: block_size {rm_cfg.block_size}) is shorter than the "
+                        f"policy's ({cfg.sft}: {policy_cfg.block_size}), so it could not score every rollout")
     policy, ref = GPT(policy_cfg), GPT(policy_cfg)
     policy.load_state_dict(sft["model"])
     ref.load_state_dict(sft["model"])
@@ -182,21 +190,18 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
 
     policy, ref, rm, value = load_models(cfg, device)
     check_room(cfg.max_new_tokens, policy.config.block_size, cfg.sft)
-    prompts = [encode(p) for p in load_prompts(cfg.data or cfg.prompts)]
+    prompts = [encode(p) for p in load_prompts(cfg.data or cfg.prompts, cfg.keep_articles)]
+    if dist.world_size() > 1 and len(prompts) < global_batch:  # shards of unequal size: unequal DDP steps, a hang
+        raise UserError(f"{cfg.data or cfg.prompts}: {len(prompts)} prompts, fewer than one global batch "
+                        f"({dist.world_size()} processes x --batch_size {cfg.batch_size}): lower --batch_size")
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
-    ptx = None
-    if cfg.ptx_coef > 0:
-        ptx = []
-        for p, r, line in load_sft(cfg.ptx_data, with_lines=True):
-            ptx.append(encode_example(p, r, policy.config.block_size))
-            if ptx[-1] is None:
-                raise UserError(f"{cfg.ptx_data}:{line}: the response alone is longer than the context (block_size "
-                                f"{policy.config.block_size} tokens)")
+    # PPO-ptx's data: pretraining text (the LM loss on every token) or demonstrations (on their responses)
+    ptx = encode_lm_data(cfg.ptx_data, policy.config.block_size) if cfg.ptx_coef > 0 else None
     for m in (ref, rm):
         m.eval().requires_grad_(False)
     if not cfg.value_embeddings:  # before the optimizer: it takes only the parameters that require a gradient
         value.gpt.transformer.wte.weight.requires_grad_(False)
-    policy.train(), value.train()  # dropout is 0 in all four models (GPTConfig default), so train() is exact
+    policy.train(), value.train()  # dropout is 0 in all four models (load_models), so train() is exact
     policy_opt = adamw(policy, cfg.lr, betas=(0.9, 0.95))
     value_opt = adamw(value, cfg.vf_lr, betas=(0.9, 0.95))
     # The modules the PPO epochs train through (DDP with several processes, compiled with --compile); generation,
@@ -220,6 +225,11 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
     t_start = time.time()
     dist.print0(f"PPO: {len(prompts)} prompts, {cfg.iters} iterations x {cfg.batch_size} rollouts, "
           f"{cfg.ppo_epochs} epochs of minibatch {cfg.minibatch_size}, GPT {policy.num_params() / 1e6:.2f}M, {device}")
+    n_pol, n_val = checkpoint.param_count(policy.config), checkpoint.param_count(value.config, head=True)
+    n_trained = n_pol + n_val - (0 if cfg.value_embeddings else value.config.vocab_size * value.config.n_embd)
+    dist.print0(checkpoint.memory_line(checkpoint.memory_estimate(
+        2 * n_pol + 2 * n_val, n_trained, [(policy.config, cfg.batch_size * policy.config.block_size)],
+        [(c, cfg.minibatch_size * policy.config.block_size) for c in (policy.config, value.config)], low_precision)))
 
     # out/ppo.pt -> out/ppo/metrics.jsonl; a resumed run drops the records after its checkpoint and appends
     metrics = (MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it, staged=staged)
@@ -251,6 +261,10 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
         mask = response_mask(resp_len, R)  # (B, R): real response tokens
         maskf = mask.float()
         ended = r["ended"]  # (B,)
+        if it == first_it and (no_end := 1 - dist.mean(ended.float())) > 0.5 and dist.is_main():  # say it at once
+            tqdm.write(f"warning: {no_end:.0%} of the first rollouts did not end within --max_new_tokens "
+                       f"{cfg.max_new_tokens}: each scores --no_eos_penalty {cfg.no_eos_penalty}, and PPO learns only "
+                       f"to stop early; raise --max_new_tokens to fit the data's replies", file=sys.stderr)
         t1 = time.time()
 
         with torch.no_grad(), amp():
@@ -292,17 +306,20 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                 logp, entropy = out if cfg.ent_coef else (out, -old_logp[mb])  # (b, R) each
                 ent = ppo.masked_mean(entropy, m)
                 pg_loss, clip_frac, approx_kl = ppo.policy_loss(logp, old_logp[mb], adv[mb], m, cfg.cliprange)
-                loss = pg_loss - cfg.ent_coef * ent
+                # Each loss is a mean over every process's response tokens (DDP averages per-process gradients).
+                n_mb = int(mb_mask.sum())
+                loss = dist.global_mean_loss(pg_loss - cfg.ent_coef * ent, n_mb)[0]
                 if ptx is not None:
-                    # 8. PPO-ptx: gamma_ptx * the LM loss on demonstrations (InstructGPT eq. 2).
+                    # 8. PPO-ptx: gamma_ptx * the LM loss on pretraining text or demonstrations (InstructGPT eq. 2).
                     ptx_batch = dist.shard([ptx[rng.randrange(len(ptx))]
                                             for _ in range(cfg.minibatch_size * dist.world_size())])
                     with amp():  # through policy, not the DDP wrapper: one DDP forward per backward
-                        ptx_loss, _ = sft_loss(policy, *make_batch(ptx_batch, device))
-                    loss = loss + cfg.ptx_coef * ptx_loss
+                        ptx_loss, n_ptx = sft_loss(policy, *make_batch(ptx_batch, device))
+                    loss = loss + cfg.ptx_coef * dist.global_mean_loss(ptx_loss, n_ptx)[0]
                 with amp():
                     values = response_values(train_value, tokens[mb], start[mb], P, m)  # (b, R)
                 vf_loss, vf_clip = ppo.value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
+                vf_loss = dist.global_mean_loss(vf_loss, n_mb)[0]
                 if not (torch.isfinite(loss) and torch.isfinite(vf_loss)):
                     raise UserError(f"PPO loss is not finite at iteration {it} (policy {loss.item()}, value "
                                     f"{vf_loss.item()}); stopped without saving: lower --lr or raise --init_kl_coef")
@@ -315,7 +332,7 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                 policy_opt.step()
                 value_opt.step()
                 stats.append((pg_loss.item(), vf_loss.item(), clip_frac.item(), approx_kl.item(), ent.item(),
-                              vf_clip.item()))
+                              vf_clip.item(), ptx_loss.item() if ptx is not None else 0.0))
         t3 = time.time()
 
         # Log this iteration.
@@ -329,7 +346,7 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
             vf_clip_frac=s[5], explained_var=ppo.explained_variance(old_values, returns, maskf, reduce).item(),
             resp_len=dist.mean(resp_len.float()), no_eos=1.0 - dist.mean(ended.float()),
             time_s=t3 - t0, tokens_per_s=n_tokens / (t3 - t0),
-            t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2)
+            t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2, **({"ptx_loss": s[6]} if ptx is not None else {}))
         if dist.is_main() and eval_prompts and ((it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iters):
             with amp():  # rank 0 alone: the others wait for it at the next iteration's first all-reduce
                 record["gold"], record["gold_se"] = gold_eval(policy, eval_prompts, cfg.max_new_tokens,

@@ -14,6 +14,7 @@ Writes out/rm.pt; out/rankings_train.jsonl and out/rankings_eval.jsonl (default)
 """
 
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,10 @@ class Config:
     """Train the reward model on rankings of K responses per prompt (InstructGPT §3.5)."""
 
     sft: str = "out/sft.pt"
-    """SFT checkpoint: the RM's trunk starts from it, and the default data is sampled from it"""
+    """SFT checkpoint: the default data is sampled from it, and (without --init_from) the RM's trunk starts from it"""
+    init_from: str = ""
+    """the RM's trunk, if not the SFT model: any GPT-2 size (InstructGPT pairs a 6B RM with its 175B policy), as a
+    checkpoint (.pt) or GPT-2 weights (a Hugging Face directory or a hub name such as gpt2-medium)"""
     data: str = ""
     """rankings {"prompt", "responses": [best first]}, pairs {"prompt", "chosen", "rejected"}, HH-RLHF or TL;DR
     comparisons (README "Data formats"); "" = the built-in task's labeler"""
@@ -63,6 +67,9 @@ class Config:
     """longest sampled response"""
     eval_fraction: float = 0.1
     """with --data and no --eval_data: fraction held out"""
+    keep_articles: bool = False
+    """TL;DR comparisons: keep the CNN/DM news records (an "article", no "post"; skipped by default, with a count) as
+    "ARTICLE: ...\nTL;DR:" prompts"""
     batch_size: int = 16
     """prompts (each with all of its K responses) per step and process (torchrun: world_size x batch_size in all)"""
     epochs: int = 6
@@ -158,15 +165,16 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
     check_room(cfg.max_new_tokens, model_cfg.block_size, cfg.sft)
     policy = GPT(model_cfg).to(device).eval()
     policy.load_state_dict(sft["model"])
-    rm = ScalarModel(model_cfg).to(device)
-    rm.gpt.load_state_dict(sft["model"])  # the trunk starts as the SFT model; the head is new
+    trunk = checkpoint.init_gpt(cfg.init_from) if cfg.init_from else None  # any size (the tokenizer is GPT-2's)
+    rm = ScalarModel(trunk.config if trunk else model_cfg).to(device)
+    rm.gpt.load_state_dict(trunk.state_dict() if trunk else sft["model"])  # the trunk starts as SFT's; a new head
 
     # 1. Rankings: the scripted labeler's (built-in) or the user's file.
     t0 = time.time()
     if cfg.data:
-        train = load_preferences(cfg.data)
+        train = load_preferences(cfg.data, cfg.keep_articles)
         if cfg.eval_data:
-            held_out = load_preferences(cfg.eval_data)
+            held_out = load_preferences(cfg.eval_data, cfg.keep_articles)
         else:
             if len(train) < 2:
                 raise UserError(f"{cfg.data}: 1 ranking, none left to train on after holding out --eval_fraction "
@@ -200,6 +208,10 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
     n_pairs = sum(len(rs) * (len(rs) - 1) // 2 for _, rs in train)
     dist.print0(f"RM: {len(train)} rankings ({n_pairs} pairs) to train on, {len(held_out)} held out "
           f"[{time.time() - t0:.0f} s]")
+    n_rm, k_max = checkpoint.param_count(rm.config, head=True), max(len(rs) for _, rs in train)
+    dist.print0(checkpoint.memory_line(checkpoint.memory_estimate(  # the policy samples 128 prompts at a time
+        checkpoint.param_count(model_cfg) + n_rm, n_rm, [(model_cfg, 128 * model_cfg.block_size)],
+        [(rm.config, cfg.batch_size * k_max * rm.config.block_size)], dist.autocast_dtype(cfg.dtype, device))))
 
     # 2. Train on all C(K, 2) pairs of each prompt at once, for `epochs` passes.
     optimizer = adamw(rm, cfg.lr, cfg.weight_decay)
@@ -227,7 +239,7 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
         set_lr(optimizer, lr_at(it, cfg.lr, cfg.warmup_iters, len(plan), 0.1 * cfg.lr))
         k = len(batch[0][1])
         with amp():
-            scores = group_scores(train_rm, batch, model_cfg.block_size, device)  # (G*K,)
+            scores = group_scores(train_rm, batch, rm.config.block_size, device)  # (G*K,)
         # scaled: to backpropagate; loss: the mean over every process's rankings
         scaled, loss = dist.global_mean_loss(ranking_loss(scores, k, cfg.center_coef), len(batch))
         if not torch.isfinite(loss):
@@ -257,6 +269,10 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
     prompts = [p for p, _ in train][:cfg.n_normalize]
     with amp():
         samples = sample_responses(policy, prompts, cfg.max_new_tokens, cfg.temperature, 128, generator)
+        if (no_end := 1 - sum(e for _, e in samples) / len(samples)) > 0.5:  # the zero would be set on cut replies
+            print(f"warning: {no_end:.0%} of the SFT samples did not end within --max_new_tokens "
+                  f"{cfg.max_new_tokens}: raise it to fit the data's replies (and use the same in train_ppo.py)",
+                  file=sys.stderr)
         rm.eval()
         sft_scores = score_texts(rm, prompts, [as_response(t, e) for t, e in samples])
     mean, std = sft_scores.mean().item(), sft_scores.std().item()

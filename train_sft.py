@@ -24,13 +24,12 @@ from tqdm import tqdm
 from nanorlhf import checkpoint, cpu, dist, tasks
 from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint_name, file_name, finite, in_range,
                              one_of, positive, require, run, seed_range)
-from nanorlhf.data import load_demonstrations, load_prompts
+from nanorlhf.data import encode_lm_data, load_prompts
 from nanorlhf.evaluate import gold_eval
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.optim import adamw, lr_at, set_lr
-from nanorlhf.pretrained import load_gpt2
-from nanorlhf.sft import encode_example, make_batch, sft_loss, val_loss
+from nanorlhf.sft import make_batch, sft_loss, val_loss
 
 
 @dataclass
@@ -136,14 +135,8 @@ def train_sft(cfg: Config, staged: checkpoint.Staged):
     if resumed:  # as it was at the checkpoint; the optimizer, data order and random states are put back below
         model = GPT(replace(checkpoint.model_config(resumed), dropout=cfg.dropout))
         model.load_state_dict(resumed["model"])
-    elif cfg.init_from and not cfg.init_from.endswith(".pt"):
-        model = load_gpt2(cfg.init_from, dropout=cfg.dropout)
-    elif cfg.init_from:
-        ckpt = checkpoint.load(cfg.init_from, made_by="train_sft.py")
-        if ckpt["kind"] not in ("sft", "ppo"):
-            raise UserError(f"{cfg.init_from} is a {ckpt['kind']!r} checkpoint; --init_from takes a GPT (sft or ppo)")
-        model = GPT(replace(checkpoint.model_config(ckpt), dropout=cfg.dropout))
-        model.load_state_dict(ckpt["model"])
+    elif cfg.init_from:  # GPT-2 weights or a checkpoint (nanorlhf/checkpoint.py)
+        model = checkpoint.init_gpt(cfg.init_from, dropout=cfg.dropout)
     else:
         model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                               dropout=cfg.dropout))
@@ -156,21 +149,17 @@ def train_sft(cfg: Config, staged: checkpoint.Staged):
         print(f"{cfg.data} not found: writing the built-in task's data (python -m nanorlhf.tasks)")
         tasks.write_default_data(tasks.TaskConfig(out=str(Path(cfg.data).parent)))
     dist.barrier()  # the other processes read what rank 0 wrote
-    demonstrations = load_demonstrations(cfg.data, with_lines=True)  # ours {prompt, response}, HH / TL;DR (README)
-
-    examples = []
-    for prompt, response, line in demonstrations:
-        ex = encode_example(prompt, response, block_size)
-        if ex is None:
-            raise UserError(f"{cfg.data}:{line}: the response alone is longer than the context (block_size "
-                            f"{block_size} tokens)")
-        examples.append(ex)
+    examples = encode_lm_data(cfg.data, block_size, text=False)  # ours {prompt, response}, HH / TL;DR (README)
     rng.shuffle(examples)
     n_val = max(1, int(cfg.val_fraction * len(examples))) if len(examples) > 1 else 0
     val, train = examples[:n_val], examples[n_val:]
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
     dist.print0(f"SFT: {len(train)} train / {len(val)} val demonstrations, GPT {model.num_params() / 1e6:.2f}M params "
           f"({model.config.n_layer} layers, {model.config.n_embd} wide), device {device}")
+    n_params = checkpoint.param_count(model.config)  # the gold score samples 64 prompts at a time
+    dist.print0(checkpoint.memory_line(checkpoint.memory_estimate(
+        n_params, n_params, [(model.config, 64 * block_size)] if eval_prompts else [],
+        [(model.config, cfg.batch_size * block_size)], dist.autocast_dtype(cfg.dtype, device))))
 
     # 3. Train: the next-token loss on response tokens (nanorlhf/sft.py), warm-up then cosine learning rate;
     #    validation loss and held-out gold score every eval_interval steps.

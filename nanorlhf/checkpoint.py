@@ -13,15 +13,15 @@ previous run's checkpoint and files as they were.
 
 import contextlib
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from nanorlhf.config import UserError, check_writable
 from nanorlhf.dist import print0
-from nanorlhf.model import GPTConfig
-from nanorlhf.pretrained import check_vocab
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.pretrained import check_vocab, load_gpt2
 
 
 def save(path, model, kind: str, **extra) -> None:
@@ -120,6 +120,20 @@ def model_config(ckpt) -> GPTConfig:
     return GPTConfig(**ckpt["model_config"])
 
 
+def init_gpt(source: str, dropout: float | None = None, flag: str = "--init_from") -> GPT:
+    """A GPT to start training from: a finished sft or ppo checkpoint (.pt), or GPT-2 weights (a Hugging Face
+    directory or a hub name such as gpt2-medium). dropout: the model's (None: the checkpoint's own; GPT-2's: 0)."""
+    if not source.endswith(".pt"):
+        return load_gpt2(source, dropout=dropout or 0.0)
+    ckpt = load(source, made_by="train_sft.py")
+    if ckpt["kind"] not in ("sft", "ppo"):
+        raise UserError(f"{source} is a {ckpt['kind']!r} checkpoint; {flag} takes a GPT (sft or ppo)")
+    cfg = model_config(ckpt)
+    model = GPT(cfg if dropout is None else replace(cfg, dropout=dropout))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
 def load_resumable(cfg, made_by: str, kind: str) -> dict | None:
     """For --resume: the mid-run checkpoint at cfg.out, or None (after saying so) when that run already finished."""
     path = Path(cfg.out)
@@ -156,3 +170,39 @@ def set_rng_state(state: dict, rng, generator=None) -> None:
     rng.setstate(state["random"])
     if generator is not None:
         generator.set_state(state["generator"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# What a process holds in memory, estimated before it is allocated
+
+def param_count(cfg: GPTConfig, head: bool = False) -> int:
+    """Parameters of GPT(cfg), the tied LM head counted once; head=True: of ScalarModel(cfg) (a scalar head more).
+
+    Per block: two LayerNorms, q/k/v and the attention's output projection, the MLP's 4x expansion and projection:
+    12 n_embd^2 weights and (bias) 13 n_embd biases and LayerNorm parameters (2 n_embd without biases)."""
+    C, b = cfg.n_embd, int(cfg.bias)
+    block = 12 * C * C + 2 * C + 11 * b * C
+    return (cfg.vocab_size + cfg.block_size) * C + cfg.n_layer * block + C * (1 + b) + (C + 1) * head
+
+
+def memory_estimate(weights: int, trained: int, kv_cache=(), activations=(), low_precision=None) -> dict:
+    """Bytes one process needs, by kind: weights in fp32 (4 bytes a parameter), gradients (4 per trained one), AdamW's
+    two moments (8 per trained one), generation's KV cache (keys and values: 2 n_layer n_embd numbers per cached
+    position), and the activations one training pass keeps for backward (~16 n_embd numbers per token and layer:
+    the inputs of both LayerNorms and of the four Linear layers, q, k, v and the MLP's 4x hidden twice). The last
+    two are 2-byte numbers under bf16 autocast (low_precision: a true value, such as the autocast dtype). Not
+    counted: the LM head's logits (computed in chunks), temporaries and the framework's own. kv_cache, activations:
+    [(GPTConfig, positions)]."""
+    size = 2 if low_precision else 4
+    return dict(weights=4 * weights, gradients=4 * trained, adam=8 * trained,
+                kv_cache=sum(2 * c.n_layer * c.n_embd * n * size for c, n in kv_cache),
+                activations=sum(16 * c.n_layer * c.n_embd * n * size for c, n in activations))
+
+
+def memory_line(estimate: dict) -> str:
+    """One line for the start of a run: each kind of memory_estimate(), and the total."""
+    def gb(n):
+        return f"{n / 2 ** 30:.2f} GB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MB"
+    names = dict(adam="Adam", kv_cache="KV cache")
+    kinds = ", ".join(f"{names.get(k, k)} {gb(v)}" for k, v in estimate.items())
+    return f"memory per process (estimate): {kinds}; total {gb(sum(estimate.values()))}"

@@ -5,6 +5,7 @@ What the training scripts get, whatever the file looks like:
     demonstrations  [(prompt, response)]          load_demonstrations (with_lines: [(prompt, response, line)])
     preferences     [(prompt, [response, ...])]   load_preferences: best first, K >= 2
     prompts         [prompt]                      load_prompts: each distinct prompt once, from a file in any format
+    LM examples     [(tokens, n_targets)]         encode_lm_data: demonstrations, or plain text (PPO-ptx)
 Every response ends with "<|endoftext|>" (added when missing). A file that cannot be read as UTF-8 JSONL (a
 directory, bytes that are not UTF-8, a .gz file that is not gzip) is a one-line error too; lines are counted from 1,
 blank lines included, so FILE:LINE is the line an editor shows.
@@ -14,15 +15,19 @@ Formats (JSONL, one record a line, UTF-8; a .gz file is read as gzip):
   ours         demonstrations {"prompt", "response"}; rankings {"prompt", "responses": [best first]};
                pairs {"prompt", "chosen", "rejected"} (a ranking of K = 2); prompts {"prompt"}
   HH-RLHF      {"chosen": transcript, "rejected": transcript}   (Anthropic's helpful/harmless data, Bai et al. 2022)
-               A transcript is "\n\nHuman: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant: ..."; the two differ
-               only in the last Assistant turn. The prompt is everything up to and including the last
-               "\n\nAssistant:", the response is what follows it.
+               A transcript is "\n\nHuman: ...\n\nAssistant: ...\n\nHuman: ...\n\nAssistant: ..."; the two
+               mostly differ only in the last Assistant turn. The prompt is everything up to and including the last
+               "\n\nAssistant:", the response is what follows it. A pair that differs earlier (real files hold
+               some) is split at the last "\n\nAssistant:" both share, or skipped if they share none; counted.
   TL;DR        comparisons {"info": {"post", "title"?, "subreddit"?}, "summaries": [{"text"}, ...], "choice": i}
                (OpenAI's summarize-from-feedback, Stiennon et al. 2020), and demonstrations {"info", "summary"} or
                the flat {"post", "title"?, "subreddit"?, "summary"} of the filtered TL;DR set. The prompt is
                    SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:
                (lines without a value are left out) and a summary gets a leading space if it has none, so it reads
-               "TL;DR: summary" as GPT-2 tokenizes it.
+               "TL;DR: summary" as GPT-2 tokenizes it. The comparisons' CNN/DM records (news: "article", no "post")
+               are skipped with a count, or kept (articles=True) as "ARTICLE: {article}\nTL;DR:" prompts.
+  plain text   PPO-ptx's pretraining data (InstructGPT eq. 2): a .txt file, or JSONL {"text"}; the LM loss is on
+               every token, in windows of block_size tokens.
 """
 
 import contextlib
@@ -33,6 +38,9 @@ import zlib
 from pathlib import Path
 
 from nanorlhf.config import UserError
+from nanorlhf.dist import print0
+from nanorlhf.sft import encode_example
+from nanorlhf.tokenizer import encode
 
 END = "<|endoftext|>"
 
@@ -61,34 +69,23 @@ def open_binary(path):
     return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
-def json_lines(path):
-    """(line number, object) for each non-blank line of a JSONL file; a bad line is a one-line UserError.
-
-    Read as bytes and decoded line by line, so a line that is not UTF-8 is named (a UTF-8 byte-order mark at the
-    start is allowed)."""
+def text_lines(path):
+    """(line number, line) of a UTF-8 text file (a .gz one decompressed); a file that cannot be read, or a line
+    that is not UTF-8, is a one-line UserError (a UTF-8 byte-order mark at the start is allowed)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
     if path.is_dir():
-        raise UserError(f"{path}: is a directory, expected a JSONL file")
+        raise UserError(f"{path}: is a directory, expected a {'text' if '.txt' in path.name else 'JSONL'} file")
     lineno = 0
     try:
         with open_binary(path) as f:
             for lineno, raw in enumerate(f, 1):
                 try:
-                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                    yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as e:
                     raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
                                     f"{e.start + 1})") from None
-                if not line.strip():
-                    continue
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(r, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(r).__name__}")
-                yield lineno, r
     except gzip.BadGzipFile as e:
         if lineno == 0:
             raise UserError(f"{path}: not gzip data (a file whose name ends in .gz is read as gzip)") from None
@@ -97,6 +94,22 @@ def json_lines(path):
         raise UserError(f"{path}:{lineno + 1}: the gzip data is cut off or corrupt ({e})") from None
     except OSError as e:  # no permission, an I/O error
         raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def json_lines(path):
+    """(line number, object) for each non-blank line of a JSONL file; a bad line is a one-line UserError.
+
+    Read as bytes and decoded line by line, so a line that is not UTF-8 is named (text_lines)."""
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(r, dict):
+            raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(r).__name__}")
+        yield lineno, r
 
 
 def read_jsonl(path, fields: dict) -> list[dict]:
@@ -169,17 +182,38 @@ def split_transcript(text: str, where: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def shared_turn(chosen: str, rejected: str) -> int:
+    """Where two dialogues that differ before their last Assistant turn part: the end of the last "\\n\\nAssistant:"
+    inside their longest common prefix, or -1 if they share none."""
+    common = os.path.commonprefix([chosen, rejected])
+    cut = common.rfind(ASSISTANT)
+    return cut + len(ASSISTANT) if cut >= 0 else -1
+
+
 def load_hh(path) -> list[tuple[str, list[str]]]:
-    """[(prompt, [chosen, rejected])] from HH-RLHF records {"chosen", "rejected"}."""
-    out = []
+    """[(prompt, [chosen, rejected])] from HH-RLHF records {"chosen", "rejected"}.
+
+    Real HH files hold pairs whose dialogues differ before the last Assistant turn: each is split at the last
+    Assistant turn both share (the responses then hold the rest of each dialogue), or skipped if they share none;
+    both are counted in one note."""
+    out, early, skipped = [], 0, 0
     for r in read_jsonl(path, {"chosen": str, "rejected": str}):
         where = f"{path}:{r['_line']}"
         prompt, chosen = split_transcript(r["chosen"], f"{where}: field 'chosen'")
         other, rejected = split_transcript(r["rejected"], f"{where}: field 'rejected'")
-        if other != prompt:
-            raise UserError(f"{where}: fields 'chosen' and 'rejected' differ before their last Assistant turn "
-                            f"(a pair must answer the same prompt)")
+        if other != prompt:  # they differ before their last Assistant turn
+            cut = shared_turn(r["chosen"], r["rejected"])
+            if cut < 0:
+                skipped += 1
+                continue
+            early += 1
+            prompt, chosen, rejected = r["chosen"][:cut], r["chosen"][cut:], r["rejected"][cut:]
         out.append((prompt, [with_end(chosen), with_end(rejected)]))
+    if early or skipped:
+        print0(f"note: {path}: {early + skipped} of {len(out) + skipped} pairs differ before their last Assistant "
+               f"turn: {early} split at the last Assistant turn they share, {skipped} skipped (they share none)")
+    if not out:
+        raise UserError(f"{path}: no pair left: the two dialogues of every pair share no Assistant turn")
     return out
 
 
@@ -195,12 +229,18 @@ def load_hh_demonstrations(path, with_lines=False) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------------------------------------------------------
 # TL;DR
 
+def is_article(info: dict) -> bool:
+    """A CNN/DM record of the TL;DR comparisons (news for the transfer test): an "article", no "post"."""
+    return info.get("post") is None and isinstance(info.get("article"), str)
+
+
 def tldr_prompt(info: dict, where: str, prefix: str) -> str:
-    """The summarization prompt for a Reddit post: SUBREDDIT / TITLE / POST lines, then "TL;DR:".
+    """The summarization prompt for a Reddit post: SUBREDDIT / TITLE / POST lines, then "TL;DR:" (a CNN/DM record:
+    ARTICLE instead of POST).
 
     prefix names where info sits in the record ("info." or ""), for the error messages."""
-    post = info.get("post")
-    if not isinstance(post, str):  # CNN/DM records have an "article" instead: not supported
+    body = ("ARTICLE: " + info["article"]) if is_article(info) else info.get("post")
+    if not isinstance(body, str):
         raise UserError(f"{where}: field '{prefix}post' is missing or not a string")
     lines = []
     subreddit, title = info.get("subreddit"), info.get("title")
@@ -211,8 +251,21 @@ def tldr_prompt(info: dict, where: str, prefix: str) -> str:
         lines.append("SUBREDDIT: " + (subreddit if subreddit.startswith("r/") else "r/" + subreddit))
     if title:
         lines.append("TITLE: " + title)
-    lines.append("POST: " + post)
+    lines.append(body if is_article(info) else "POST: " + body)
     return "\n".join(lines) + "\nTL;DR:"
+
+
+def without_articles(path, records: list[dict], articles: bool) -> list[dict]:
+    """TL;DR records without the CNN/DM ones (unless articles), with a note that counts them."""
+    if articles:
+        return records
+    kept = [r for r in records if not (isinstance(r.get("info"), dict) and is_article(r["info"]))]
+    if len(kept) < len(records):
+        print0(f"note: {path}: {len(records) - len(kept)} of {len(records)} records are CNN/DM news (an 'article', "
+               f"no 'post'): skipped (--keep_articles keeps them as article prompts)")
+    if not kept:
+        raise UserError(f"{path}: every record is a CNN/DM article (no 'post'): --keep_articles keeps them")
+    return kept
 
 
 def tldr_summary(text: str) -> str:
@@ -220,13 +273,13 @@ def tldr_summary(text: str) -> str:
     return with_end(text if text[:1].isspace() else " " + text)
 
 
-def load_tldr(path) -> list[tuple[str, list[str]]]:
-    """Comparisons {"info", "summaries", "choice"} -> [(prompt, [chosen, other])].
+def load_tldr(path, articles=False) -> list[tuple[str, list[str]]]:
+    """Comparisons {"info", "summaries", "choice"} -> [(prompt, [chosen, other])]; the CNN/DM ones only if articles.
 
     Only the best summary is known, so K > 2 summaries give K - 1 pairs (chosen, other), never an invented order.
     """
     out = []
-    for r in read_jsonl(path, {"info": dict, "summaries": list, "choice": int}):
+    for r in without_articles(path, read_jsonl(path, {"info": dict, "summaries": list, "choice": int}), articles):
         where = f"{path}:{r['_line']}"
         prompt = tldr_prompt(r["info"], where, "info.")
         summaries = r["summaries"]
@@ -275,8 +328,9 @@ def unknown_format(path, first: dict, expected: str) -> UserError:
                      f"{expected}")
 
 
-def load_preferences(path) -> list[tuple[str, list[str]]]:
-    """[(prompt, responses best first)] from our rankings or pairs, HH-RLHF pairs, or TL;DR comparisons."""
+def load_preferences(path, articles=False) -> list[tuple[str, list[str]]]:
+    """[(prompt, responses best first)] from our rankings or pairs, HH-RLHF pairs, or TL;DR comparisons (their
+    CNN/DM records only if articles)."""
     path = Path(path)
     first = read_jsonl_first(path)
     if "prompt" in first and ("responses" in first or "chosen" in first):
@@ -284,7 +338,7 @@ def load_preferences(path) -> list[tuple[str, list[str]]]:
     if "chosen" in first and "rejected" in first:
         return load_hh(path)
     if "summaries" in first and "choice" in first:
-        return load_tldr(path)
+        return load_tldr(path, articles)
     raise unknown_format(path, first, 'rankings {"prompt", "responses"}, pairs {"prompt", "chosen", "rejected"}, '
                                       'HH-RLHF {"chosen", "rejected"} or TL;DR {"info", "summaries", "choice"}')
 
@@ -304,11 +358,11 @@ def load_demonstrations(path, with_lines=False) -> list[tuple[str, str]]:
                                       'or TL;DR {"info", "summary"} / {"post", "summary"}')
 
 
-def load_prompts(path) -> list[str]:
+def load_prompts(path, articles=False) -> list[str]:
     """The distinct prompts of a file in any format above, in file order: {"prompt"} records and our
     demonstrations, rankings and pairs; HH-RLHF dialogues (up to the last Assistant turn); TL;DR comparisons or
-    demonstrations (the post). Each prompt once: TL;DR has several comparisons per post. An empty prompt is refused
-    (generation continues a prompt: it needs at least one token)."""
+    demonstrations (the post; CNN/DM articles only if articles). Each prompt once: TL;DR has several comparisons
+    per post. An empty prompt is refused (generation continues a prompt: it needs at least one token)."""
     path = Path(path)
     first = read_jsonl_first(path)
     if "prompt" in first:
@@ -321,8 +375,46 @@ def load_prompts(path) -> list[str]:
         prompts = [split_transcript(r["chosen"], f"{path}:{r['_line']}: field 'chosen'")[0]
                    for r in read_jsonl(path, {"chosen": str})]
     elif "info" in first or "post" in first:
-        prompts = [tldr_record_prompt(r, f"{path}:{r['_line']}") for r in read_jsonl(path, {})]
+        prompts = [tldr_record_prompt(r, f"{path}:{r['_line']}")
+                   for r in without_articles(path, read_jsonl(path, {}), articles)]
     else:
         raise unknown_format(path, first, 'prompts {"prompt", ...}, HH-RLHF {"chosen", "rejected"} or TL;DR '
                                           '{"info", ...} / {"post", ...}')
     return list(dict.fromkeys(prompts))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Token examples for a next-token loss
+
+def encode_text(text: str, block_size: int) -> list[tuple[list[int], int]]:
+    """Plain text as examples whose every token but the first is a target (PPO-ptx's pretraining loss): windows of
+    block_size tokens, [(tokens, len(tokens) - 1)]; a last window of one token, with nothing to predict, is left out."""
+    ids = encode(text)
+    windows = [ids[i:i + block_size] for i in range(0, len(ids), block_size)]
+    return [(w, len(w) - 1) for w in windows if len(w) > 1]
+
+
+def encode_lm_data(path, block_size: int, text: bool = True) -> list[tuple[list[int], int]]:
+    """[(tokens, number of target tokens at the end)] for sft.make_batch: from plain text (text=True: a .txt file,
+    or JSONL {"text"}), the loss on every token of block_size windows; else from demonstrations in any format
+    above, the loss on the response (a response longer than the context is a FILE:LINE error)."""
+    path = Path(path)
+    plain = path.name.endswith((".txt", ".txt.gz"))
+    if text and not plain:
+        first = read_jsonl_first(path)
+        text = "text" in first and "prompt" not in first
+    if text:
+        docs = (["".join(line for _, line in text_lines(path))] if plain
+                else [r["text"] for r in read_jsonl(path, {"text": str})])
+        examples = [ex for doc in docs for ex in encode_text(doc, block_size)]
+        if not examples:
+            raise UserError(f"{path}: no text of 2 tokens or more (the LM loss predicts each token from the ones "
+                            f"before it)")
+        return examples
+    examples = []
+    for prompt, response, line in load_demonstrations(path, with_lines=True):
+        examples.append(encode_example(prompt, response, block_size))
+        if examples[-1] is None:
+            raise UserError(f"{path}:{line}: the response alone is longer than the context (block_size {block_size} "
+                            f"tokens)")
+    return examples

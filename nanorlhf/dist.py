@@ -14,6 +14,7 @@ data (a mean, a variance) is summed over processes the same way (`all_reduce_sum
 """
 
 import contextlib
+import datetime
 import os
 
 import torch
@@ -22,18 +23,37 @@ import torch.distributed as tdist
 from nanorlhf.config import UserError
 
 
+TIMEOUT_MINUTES = 120.0  # NANORLHF_DIST_TIMEOUT's default
+
+
+def timeout() -> datetime.timedelta:
+    """How long a process waits at a collective before the run is stopped as hung: NANORLHF_DIST_TIMEOUT minutes,
+    by default 120. It must cover what rank 0 does alone while the others wait at their next collective (the
+    evaluation, the RM's normalisation and held-out accuracy, saving a checkpoint): nccl's own default, 10 minutes,
+    can be shorter than that on a large held-out set."""
+    text = os.environ.get("NANORLHF_DIST_TIMEOUT", str(TIMEOUT_MINUTES))
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not 0 < minutes < float("inf"):
+        raise UserError(f"NANORLHF_DIST_TIMEOUT must be a number of minutes > 0, got {text!r}")
+    return datetime.timedelta(minutes=minutes)
+
+
 def setup() -> str:
     """Join the process group torchrun describes in the environment and return this process's device.
 
-    Backend nccl with one GPU per LOCAL_RANK on CUDA, gloo on CPU. Without torchrun (no WORLD_SIZE, or 1) nothing is
-    set up and the device is "cuda" if there is a GPU, else "cpu", as for any 1-process run."""
+    Backend nccl with one GPU per LOCAL_RANK on CUDA, gloo on CPU, both with timeout() for their collectives. Without
+    torchrun (no WORLD_SIZE, or 1) nothing is set up and the device is "cuda" if there is a GPU, else "cpu", as for
+    any 1-process run."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not tdist.is_initialized():
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
-            tdist.init_process_group("nccl", device_id=torch.device("cuda", local))
+            tdist.init_process_group("nccl", device_id=torch.device("cuda", local), timeout=timeout())
         else:
-            tdist.init_process_group("gloo")
+            tdist.init_process_group("gloo", timeout=timeout())
     if not torch.cuda.is_available():
         return "cpu"
     return f"cuda:{torch.cuda.current_device()}" if tdist.is_initialized() else "cuda"

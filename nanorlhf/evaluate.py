@@ -11,7 +11,7 @@ pi_SFT(y_t), an unbiased estimate of the KL between the two response distributio
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -99,7 +99,8 @@ def main(cfg: EvalConfig):
         models[name] = GPT(checkpoint.model_config(ckpt)).to(device).eval()
         models[name].load_state_dict(ckpt["model"])
         check_room(cfg.max_new_tokens, models[name].config.block_size, path)
-    if models["ppo"].config != models["sft"].config:  # the KL to SFT compares the two on the same tokens
+    same = [replace(models[n].config, dropout=0.0) for n in ("ppo", "sft")]  # PPO drops SFT's dropout
+    if same[0] != same[1]:  # the KL to SFT compares the two on the same tokens
         raise UserError(f"the PPO policy ({cfg.ppo}: {models['ppo'].config}) does not match the SFT model "
                         f"({cfg.sft}: {models['sft'].config}); evaluate the PPO run of this SFT checkpoint")
     rm_ckpt = checkpoint.load(cfg.rm, made_by="train_rm.py", kind="rm")

@@ -5,7 +5,8 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/dist_worker.py DUMP whiten train_ppo ...
 
 A script name runs that script's main() with the flags that follow and saves DUMP/rank{RANK}.pt: the state dicts of
-the models main() returns, and its other figures (PPO's beta). `whiten` first (it saves the time of another launch)
+the models main() returns (and, under NAME_grad, their gradients of the last backward pass), and its other figures
+(PPO's beta). `whiten` first (it saves the time of another launch)
 adds "whiten": each process's data and its whitening with the statistics of all processes (nanorlhf.ppo.whiten
 with dist.all_reduce_sum).
 """
@@ -47,6 +48,9 @@ def main():
     script = importlib.import_module(what)
     result = {**script.main(parse_args(script.Config, argv)), **checks}
     saved = {k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in result.items()}
+    # and each model's gradients of the last backward pass (after DDP averaged them)
+    saved.update({f"{k}_grad": {n: p.grad for n, p in v.named_parameters() if p.grad is not None}
+                  for k, v in result.items() if isinstance(v, torch.nn.Module)})
     Path(dump).mkdir(parents=True, exist_ok=True)
     torch.save(saved, Path(dump) / f"rank{rank}.pt")
 

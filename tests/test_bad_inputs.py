@@ -93,6 +93,7 @@ CASES = [
     ("label-ckpt-vocab", "nanorlhf.label", LABEL + ["--ckpt", "bad/vocab97.pt"],
      "bad/vocab97.pt: vocab_size 97 is not GPT-2's 50257"),
     ("rm-sft-vocab", "train_rm.py", RM + ["--sft", "bad/vocab97.pt"], "bad/vocab97.pt: vocab_size 97"),
+    ("rm-init-from-vocab", "train_rm.py", RM + ["--init_from", "bad/vocab97.pt"], "bad/vocab97.pt: vocab_size 97"),
     ("ppo-rm-vocab", "train_ppo.py", PPO + ["--rm", "bad/vocab97.pt"], "bad/vocab97.pt: vocab_size 97"),
     ("eval-ppo-vocab", "nanorlhf.evaluate", EVAL + ["--ppo", "bad/vocab97.pt"], "bad/vocab97.pt: vocab_size 97"),
     # 6. data errors name FILE:LINE
@@ -100,6 +101,8 @@ CASES = [
      "bad/too_long.jsonl:3: the response alone is longer than the context (block_size 48 tokens)"),
     ("ppo-ptx-response-too-long", "train_ppo.py", PPO + ["--ptx_coef", 0.1, "--ptx_data", "bad/too_long.jsonl"],
      "bad/too_long.jsonl:3: the response alone is longer"),
+    ("ppo-ptx-text-not-utf8", "train_ppo.py", PPO + ["--ptx_coef", 0.1, "--ptx_data", "bad/not_utf8.txt"],
+     "bad/not_utf8.txt:2: not UTF-8 text"),
     ("ppo-empty-prompt", "train_ppo.py", PPO + ["--data", "bad/empty_prompt.jsonl"],
      "bad/empty_prompt.jsonl:3: field 'prompt' is empty"),
     ("rm-unknown-format", "train_rm.py", RM + ["--data", "bad/unknown.jsonl"], "bad/unknown.jsonl:2: unknown format"),
@@ -130,6 +133,7 @@ def world(workdir):
     (bad / "not_utf8.jsonl").write_bytes(b'{"prompt": "a", "response": " b"}\n\n{"prompt": "caf\xe9", '
                                          b'"response": " b"}\n')
     (bad / "not_gzip.jsonl.gz").write_text('{"prompt": "a", "response": " b"}\n')
+    (bad / "not_utf8.txt").write_bytes(b"Plain text for PPO-ptx,\nthen caf\xe9.\n")
     (bad / "a_dir.jsonl").mkdir()
     (bad / "a_file").write_text("a file where a folder would go\n")
     demo = {"prompt": "Sort: 2 1\nAnswer:", "response": " 1 2"}

@@ -2,11 +2,16 @@ import gzip
 import json
 
 import pytest
+import torch
 
 from conftest import HH, HH_PROMPT, TLDR, TLDR_PROMPT
 from nanorlhf import checkpoint
 from nanorlhf.config import UserError
-from nanorlhf.data import load_demonstrations, load_preferences, load_prompts, load_rankings, load_sft, write_jsonl
+from nanorlhf.data import (encode_lm_data, load_demonstrations, load_preferences, load_prompts, load_rankings,
+                           load_sft, write_jsonl)
+from nanorlhf.model import GPT, GPTConfig
+from nanorlhf.sft import make_batch, sft_loss
+from nanorlhf.tokenizer import EOT, encode
 
 
 def write(path, text):
@@ -118,11 +123,12 @@ def test_our_own_formats_pass_through(tmp_path):
 
 
 BAD_PREFERENCES = [
-    ([HH, dict(HH, rejected="\n\nHuman: Bye\n\nAssistant: ok")], "x.jsonl:2: fields 'chosen' and 'rejected' differ"),
+    ([dict(HH, rejected="\n\nHuman: Bye\n\nAssistant: ok")], "x.jsonl: no pair left"),
     ([dict(HH, chosen="\n\nHuman: no reply here")], "x.jsonl:1: field 'chosen': no '\\n\\nAssistant:' turn"),
     ([HH, {"chosen": HH["chosen"]}], "x.jsonl:2: missing field 'rejected'"),
     ([TLDR, dict(TLDR, choice=2)], "x.jsonl:2: field 'choice' is 2"),
-    ([dict(TLDR, info={"article": "cnn", "site": "cnn"})], "x.jsonl:1: field 'info.post' is missing"),
+    ([dict(TLDR, info={"article": "cnn", "site": "cnn"})], "x.jsonl: every record is a CNN/DM article"),
+    ([TLDR, dict(TLDR, info={"title": "t", "site": "cnn"})], "x.jsonl:2: field 'info.post' is missing"),
     ([dict(TLDR, summaries=[{"text": "a"}, {"txt": "b"}])], "x.jsonl:1: field 'summaries[1].text'"),
     ([dict(TLDR, summaries=[{"text": "a"}])], "x.jsonl:1: field 'summaries' must hold at least 2"),
     ([TLDR, dict(TLDR, choice="1")], "x.jsonl:2: field 'choice' must be int"),
@@ -207,3 +213,101 @@ def test_an_empty_prompt_is_refused_where_prompts_are_read(tmp_path):
 def write_bytes(path, data):
     path.write_bytes(data)
     return path
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The real files' quirks (issue 15): HH pairs that part before their last Assistant turn, TL;DR's CNN/DM records
+
+HH_EARLY = {  # the dialogues part at the first reply, and go on differently: split where they part
+    "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: What is 2+2?\n\nAssistant: It is 4.",
+    "rejected": "\n\nHuman: Hi\n\nAssistant: Go away.\n\nHuman: Rude!\n\nAssistant: Sorry.",
+}
+HH_APART = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!",  # no Assistant turn shared: skipped
+            "rejected": "\n\nHuman: Yo\n\nAssistant: Hey"}
+CNNDM = [  # the comparisons' news records: as the released JSON has them, and as the Hugging Face copy (nulls)
+    dict(TLDR, info={"id": "dm1", "article": "A cat was found.", "site": "dailymail"}, batch="cnndm1"),
+    dict(TLDR, info={"id": "cnn2", "post": None, "title": None, "subreddit": None, "site": "cnn",
+                     "article": "Rain fell."}, batch="cnndm3"),
+]
+
+
+def test_hh_pairs_that_part_early_are_split_where_they_part_or_skipped_with_a_count(tmp_path, capsys):
+    write_jsonl(tmp_path / "hh.jsonl", [HH, HH_EARLY, HH_APART, HH])
+    assert load_preferences(tmp_path / "hh.jsonl") == [
+        (HH_PROMPT, [" It is 4." + E, " Why do you ask?" + E]),
+        ("\n\nHuman: Hi\n\nAssistant:", [" Hello!\n\nHuman: What is 2+2?\n\nAssistant: It is 4." + E,
+                                          " Go away.\n\nHuman: Rude!\n\nAssistant: Sorry." + E]),
+        (HH_PROMPT, [" It is 4." + E, " Why do you ask?" + E]),
+    ]
+    assert capsys.readouterr().out == (f"note: {tmp_path / 'hh.jsonl'}: 2 of 4 pairs differ before their last "
+                                       f"Assistant turn: 1 split at the last Assistant turn they share, 1 skipped "
+                                       f"(they share none)\n")
+
+
+def test_tldr_cnn_dm_records_are_skipped_with_a_count_or_kept_as_article_prompts(tmp_path, capsys):
+    write_jsonl(tmp_path / "c.jsonl", [CNNDM[0], TLDR, CNNDM[1]])
+    pair = [" my cat ignores me, help" + E, " cat is aloof" + E]
+    assert load_preferences(tmp_path / "c.jsonl") == [(TLDR_PROMPT, pair)]
+    assert load_prompts(tmp_path / "c.jsonl") == [TLDR_PROMPT]
+    note = (f"note: {tmp_path / 'c.jsonl'}: 2 of 3 records are CNN/DM news (an 'article', no 'post'): skipped "
+            f"(--keep_articles keeps them as article prompts)\n")
+    assert capsys.readouterr().out == note * 2
+    articles = ["ARTICLE: A cat was found.\nTL;DR:", TLDR_PROMPT, "ARTICLE: Rain fell.\nTL;DR:"]
+    assert load_preferences(tmp_path / "c.jsonl", articles=True) == [(a, pair) for a in articles]
+    assert load_prompts(tmp_path / "c.jsonl", articles=True) == articles
+    assert capsys.readouterr().out == ""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# PPO-ptx's data: plain text (the LM loss on every token) or demonstrations (on the response)
+
+TEXT = "The cat sat on the mat. <|endoftext|> is just text here.\nA second line.\n"
+
+
+def test_plain_text_is_cut_into_windows_whose_every_token_is_a_target(tmp_path):
+    (tmp_path / "p.txt").write_text(TEXT)
+    ids = encode(TEXT)
+    assert EOT not in ids and len(ids) == 25  # user text never encodes the end token
+    examples = encode_lm_data(tmp_path / "p.txt", block_size=8)
+    assert examples == [(ids[0:8], 7), (ids[8:16], 7), (ids[16:24], 7)]  # the last token alone: nothing to predict
+    write_jsonl(tmp_path / "t.jsonl", [{"text": TEXT}, {"text": "A"}, {"text": "Hi there"}])  # "A": nothing to predict
+    assert encode_lm_data(tmp_path / "t.jsonl", 8) == examples + [(encode("Hi there"), 1)]
+    (tmp_path / "p.txt.gz").write_bytes(gzip.compress(TEXT.encode()))
+    assert encode_lm_data(tmp_path / "p.txt.gz", 8) == examples
+
+
+def test_the_lm_loss_on_plain_text_is_the_mean_over_every_next_token():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16))
+    examples = [(encode(TEXT)[0:8], 7), (encode(TEXT)[16:21], 4)]
+    loss, n = sft_loss(model, *make_batch(examples, "cpu"))
+    nll = []
+    for toks, _ in examples:
+        logp = torch.log_softmax(model.lm_logits(model(torch.tensor([toks])))[0], -1)  # (T, V)
+        nll += [-logp[t - 1, toks[t]] for t in range(1, len(toks))]  # every token but the first
+    assert n == 11
+    torch.testing.assert_close(loss, torch.stack(nll).mean())
+
+
+def test_demonstrations_still_work_as_lm_data(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Sort: 2 1\nAnswer:", "response": " 1 2"}])
+    (toks, n), = encode_lm_data(tmp_path / "d.jsonl", 48)
+    assert n == 3 and toks[-3:] == encode(" 1 2") + [EOT]
+    write_jsonl(tmp_path / "hh.jsonl", [HH])
+    assert encode_lm_data(tmp_path / "hh.jsonl", 48)[0][1] == len(encode(" It is 4.")) + 1
+    assert encode_lm_data(tmp_path / "d.jsonl", 48, text=False) == [(toks, n)]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("x.txt", b"", "x.txt: no text of 2 tokens or more"),
+    ("x.txt", b"ok\n\xff\n", "x.txt:2: not UTF-8 text"),
+    ("x.jsonl", b'{"text": "ok ok"}\n{"text": 3}\n', "x.jsonl:2: field 'text' must be str"),
+    ("x.jsonl", b'{"text": "A"}\n', "x.jsonl: no text of 2 tokens or more"),
+    ("x.jsonl", b'{"prompt": "a", "response": " b"}\n{"prompt": "a", "response": "' + b" 1" * 60 + b'"}\n',
+     "x.jsonl:2: the response alone is longer than the context (block_size 48 tokens)"),
+])
+def test_bad_lm_data_is_one_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError) as e:
+        encode_lm_data(tmp_path / name, 48)
+    assert message in str(e.value) and "\n" not in str(e.value)

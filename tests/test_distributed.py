@@ -5,6 +5,7 @@ with) against one process with the doubled batch (run here, in this process): th
 and equal to the one-process run up to float rounding.
 """
 
+import datetime
 import json
 import os
 import random
@@ -18,10 +19,12 @@ import torch
 
 from conftest import ROOT, TINY, load_script
 from nanorlhf import checkpoint, dist, ops, ppo, tasks
-from nanorlhf.config import parse_args
+from nanorlhf.config import UserError, parse_args
+from nanorlhf.data import load_prompts
 from nanorlhf.model import GPT, GPTConfig, ScalarModel
 from nanorlhf.rollout import generate, response_logprobs, response_mask
 from nanorlhf.sft import make_batch, sft_loss
+from nanorlhf.tokenizer import EOT, encode
 
 WORKER = ROOT / "tests" / "dist_worker.py"
 
@@ -44,7 +47,9 @@ def one_process(monkeypatch):
     def go(script, *args, cwd):
         monkeypatch.chdir(cwd)
         result = script.main(parse_args(script.Config, [str(a) for a in args]))
-        return {k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in result.items()}
+        grads = {f"{k}_grad": {n: p.grad for n, p in v.named_parameters() if p.grad is not None}
+                 for k, v in result.items() if isinstance(v, torch.nn.Module)}  # of the last backward pass
+        return {**{k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in result.items()}, **grads}
 
     yield go
     torch.set_num_threads(threads)
@@ -145,6 +150,83 @@ def test_whitening_over_processes_is_whitening_of_the_whole_batch(ppo_run):
     torch.testing.assert_close(torch.cat([r0["kept"], r1["kept"]]), ppo.whiten(x, mask, shift_mean=False))
     assert r0["mean"] == r1["mean"] == pytest.approx(x[mask.bool()].mean().item(), rel=1e-6)
     assert r0["floats"] == r1["floats"] == [0.5, 1.0]
+
+
+def position_policy(k=12):
+    """A GPT(TINY) whose next token hangs on the position alone, with probability 1 - 1e-9: " 1" after positions
+    up to k, then <|endoftext|>. Its rollouts are the same whatever the random stream, and as long as the prompt is
+    short (k + 2 - its length): one process with the whole batch and two with half each roll out the same ones."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    hadamard = torch.kron(torch.kron(h2, h2), torch.kron(h2, h2))  # 16 x 16, orthogonal rows of +-1
+    one, end = hadamard[1], hadamard[2]  # zero mean: LayerNorm keeps them as they are
+    with torch.no_grad():
+        for block in model.transformer.h:  # the blocks add nothing: the state is token + position embedding
+            for layer in (block.attn.c_proj, block.mlp.c_proj):
+                layer.weight.zero_(), layer.bias.zero_()
+        model.transformer.wte.weight[352] = one  # " 1"
+        model.transformer.wte.weight[EOT] = end
+        position = torch.arange(TINY.block_size)[:, None]
+        model.transformer.wpe.weight.copy_(10 * torch.where(position < k, one, end))  # dwarfs the token's
+        model.transformer.ln_f.weight.fill_(2.0)  # logits 32 for the chosen token, |logit| < 1 for the others
+    return model
+
+
+def test_ppo_losses_are_means_over_every_processs_tokens(workdir, tmp_path, one_process):
+    """Policy, value and PPO-ptx losses are means over the global batch's tokens, as SFT's and the RM's are (not
+    per-process means that DDP averages): 2 processes' gradients equal 1 process's with the doubled batch."""
+    checkpoint.save(workdir / "out" / "sft_position.pt", position_policy(), kind="sft")
+    args = ["--sft", "out/sft_position.pt", "--iters", 1, "--ppo_epochs", 1, "--max_new_tokens", 6, "--grad_clip", 0,
+            "--eval_prompts", "", "--ptx_coef", 0.5, "--threads", 1]
+    run, (r0, r1) = torchrun(tmp_path, "train_ppo", *args, "--batch_size", 4, "--minibatch_size", 4,
+                             "--out", "out/ppo_tokens2.pt", cwd=workdir)
+    one = one_process(load_script("train_ppo"), *args, "--batch_size", 8, "--minibatch_size", 8,
+                      "--out", "out/ppo_tokens1.pt", cwd=workdir)
+    # The batch train_ppo.py draws (its order shuffled by random.Random(seed)): the processes' halves hold
+    # different numbers of response tokens, so the mean of their means is not the mean over all tokens.
+    prompts = load_prompts(workdir / "data" / "prompts_train.jsonl")
+    order = list(range(len(prompts)))
+    random.Random(0).shuffle(order)
+    n = [max(1, 14 - len(encode(prompts[i]))) for i in order[:8]]  # k + 2 - the prompt's length
+    assert sum(n[:4]) != sum(n[4:])
+    for key in ("policy_grad", "value_grad"):
+        assert_identical(r0[key], r1[key])
+        scale = max(g.abs().max().item() for g in one[key].values())
+        assert scale > 1e-3 and max_diff(r0[key], one[key]) < 1e-4 * scale, key
+    history = torch.load(workdir / "out" / "ppo_tokens1.pt", weights_only=False)["history"][0]
+    assert history["no_eos"] == 0.0 and 1.0 < history["resp_len"] < 6.0 and history["approx_kl"] < 1e-9
+
+
+def test_fewer_prompts_than_a_global_batch_are_refused(workdir, tmp_path):
+    """Shards of unequal size would give the processes different numbers of minibatches: DDP would hang."""
+    (tmp_path / "three.jsonl").write_text("".join(json.dumps({"prompt": f"Sort: {i} 1\nAnswer:"}) + "\n"
+                                                  for i in range(3)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_ppo.py"), "--data", tmp_path / "three.jsonl", "--batch_size", 2, "--minibatch_size", 1,
+           "--iters", 1, "--max_new_tokens", 4, "--eval_prompts", "", "--out", tmp_path / "ppo.pt"]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=workdir, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode != 0 and not (tmp_path / "ppo.pt").exists()
+    assert r.stderr.count(f"error: {tmp_path / 'three.jsonl'}: 3 prompts, fewer than one global batch (2 processes x "
+                          f"--batch_size 2): lower --batch_size") == 2, r.stderr[-3000:]
+
+
+def test_collectives_wait_long_enough_for_rank_0_alone(monkeypatch):
+    """Rank 0 evaluates and saves while the others wait at their next collective: the process group's timeout is
+    NANORLHF_DIST_TIMEOUT minutes (default 120; nccl's own is 10), not the backend's default."""
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dist.tdist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    assert dist.setup() == "cpu" and seen == dict(backend="gloo", timeout=datetime.timedelta(minutes=120))
+    monkeypatch.setenv("NANORLHF_DIST_TIMEOUT", "45")
+    dist.setup()
+    assert seen["timeout"] == datetime.timedelta(minutes=45)
+    for bad in ("0", "soon", "inf"):
+        monkeypatch.setenv("NANORLHF_DIST_TIMEOUT", bad)
+        with pytest.raises(UserError, match=f"NANORLHF_DIST_TIMEOUT must be a number of minutes > 0, got '{bad}'"):
+            dist.setup()
 
 
 def test_one_process_sets_up_nothing():

@@ -1,13 +1,14 @@
 """Tiny end-to-end runs of train_rm.py, train_ppo.py and the final evaluation (seconds, not minutes)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
-from conftest import run
-from nanorlhf import checkpoint
-from nanorlhf.model import GPTConfig, ScalarModel
+from conftest import TINY, load_script, run
+from nanorlhf import checkpoint, evaluate
+from nanorlhf.model import GPT, GPTConfig, ScalarModel
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +20,9 @@ def rm_run(workdir):
 def test_train_rm(workdir, rm_run):
     assert rm_run.returncode == 0, rm_run.stderr[-3000:]
     assert "pairwise accuracy vs the labels: train" in rm_run.stdout and "ceiling" in rm_run.stdout
+    assert "memory per process (estimate): weights " in rm_run.stdout
+    # the random SFT model never ends a reply: the score's zero would be set on cut replies, said at once
+    assert "warning: 100% of the SFT samples did not end within --max_new_tokens 6" in rm_run.stderr
     ckpt = torch.load(workdir / "out" / "rm.pt", weights_only=False)
     assert ckpt["kind"] == "rm" and ckpt["model_config"]["n_embd"] == 16
     rankings = [json.loads(line) for line in open(workdir / "out" / "rankings_train.jsonl")]
@@ -32,6 +36,10 @@ def test_train_ppo_and_evaluate(workdir, rm_run):
               "--lr", 2e-4, "--anneal_lr", "true",
               cwd=workdir)  # the entropy bonus path here; tests/test_resume.py runs the default (no bonus)
     assert ppo.returncode == 0, ppo.stderr[-3000:]
+    assert "memory per process (estimate): weights " in ppo.stdout
+    # the random SFT model never ends a reply: every score would be the penalty, said at the first iteration
+    assert ppo.stderr.count("warning: 100% of the first rollouts did not end within --max_new_tokens 6: each scores "
+                            "--no_eos_penalty -5.0") == 1
     ckpt = torch.load(workdir / "out" / "ppo.pt", weights_only=False)
     assert ckpt["kind"] == "ppo" and len(ckpt["history"]) == 2
     assert [h["lr"] for h in ckpt["history"]] == pytest.approx([2e-4, 1e-4])  # annealed linearly towards 0
@@ -60,12 +68,90 @@ def test_value_embeddings_train_when_asked(workdir, rm_run, tmp_path):
     assert not torch.equal(value["gpt.transformer.wte.weight"], rm["gpt.transformer.wte.weight"])
 
 
-def test_mismatched_rm_is_refused(workdir, rm_run, tmp_path):
-    other = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=32)
-    checkpoint.save(tmp_path / "rm.pt", ScalarModel(other), kind="rm")
+def write_gpt2_dir(directory, model):
+    """model's weights as a Hugging Face GPT-2 directory (config.json, pytorch_model.bin; Conv1D weights (in, out))."""
+    directory.mkdir()
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    tensors = {k.removeprefix("transformer."): (v.t() if k.endswith(conv1d) else v).contiguous()
+               for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    torch.save(tensors, directory / "pytorch_model.bin")
+    c = model.config
+    (directory / "config.json").write_text(json.dumps(dict(model_type="gpt2", n_layer=c.n_layer, n_head=c.n_head,
+                                                           n_embd=c.n_embd, n_positions=c.block_size,
+                                                           vocab_size=c.vocab_size)))
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "gpt2-dir"])
+def test_an_rm_of_another_size_than_the_policy(workdir, rm_run, tmp_path, source):
+    """InstructGPT pairs a 6B RM with its 175B policy: train_rm.py --init_from starts the RM from another model (the
+    data still sampled from the SFT policy), and train_ppo.py takes it, with a value function of its size."""
+    torch.manual_seed(3)
+    other = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+    if source == "checkpoint":
+        init_from = tmp_path / "other.pt"
+        checkpoint.save(init_from, other, kind="sft")
+    else:
+        write_gpt2_dir(init_from := tmp_path / "gpt2-other", other)
+    rm = run("train_rm.py", "--init_from", init_from, "--n_prompts", 8, "--n_eval", 4, "--k", 2, "--max_new_tokens", 6,
+             "--n_normalize", 4, "--batch_size", 4, "--out", tmp_path / "rm.pt", cwd=workdir)
+    assert rm.returncode == 0, rm.stderr[-3000:]
+    assert "sampling 2 responses for 8 train prompts" in rm.stdout  # from the SFT policy (its block_size: 48)
+    saved = torch.load(tmp_path / "rm.pt", weights_only=False)
+    assert saved["model_config"] == dict(vars(other.config))
+    assert not torch.equal(saved["model"]["gpt.transformer.h.1.mlp.c_fc.weight"],
+                           other.state_dict()["transformer.h.1.mlp.c_fc.weight"])  # trained from there
+    ppo = run("train_ppo.py", "--rm", tmp_path / "rm.pt", "--iters", 1, "--batch_size", 4, "--minibatch_size", 2,
+              "--max_new_tokens", 4, "--eval_n", 0, "--out", tmp_path / "ppo.pt", cwd=workdir)
+    assert ppo.returncode == 0, ppo.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ppo.pt", weights_only=False)
+    assert ckpt["model_config"]["n_embd"] == 16 and ckpt["value"]["head.weight"].shape == (1, 32)
+
+
+def test_an_rm_whose_context_is_shorter_than_the_policys_is_refused(workdir, tmp_path):
+    checkpoint.save(tmp_path / "rm.pt", ScalarModel(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)),
+                    kind="rm")
     r = run("train_ppo.py", "--rm", tmp_path / "rm.pt", "--iters", 1, cwd=workdir)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "does not match the policy's" in r.stderr and "n_embd=32" in r.stderr and "n_embd=16" in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: the reward model's context ({tmp_path / 'rm.pt'}: block_size 32) is shorter than the policy's "
+        f"(out/sft.pt: 48), so it could not score every rollout")
+
+
+def test_dropout_of_sft_and_rm_stays_out_of_ppo(workdir, tmp_path):
+    """SFT may train with dropout (InstructGPT's does), the RM too; the four RL models run without (the PPO ratio
+    is exactly 1 before the first step), and the evaluation still pairs the PPO policy with its SFT model."""
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "sft.pt", GPT(replace(TINY, dropout=0.1)), kind="sft")
+    checkpoint.save(tmp_path / "rm.pt", ScalarModel(replace(TINY, dropout=0.1)), kind="rm")
+    train_ppo = load_script("train_ppo")
+    threads = torch.get_num_threads()
+    result = train_ppo.main(train_ppo.Config(
+        sft=str(tmp_path / "sft.pt"), rm=str(tmp_path / "rm.pt"), prompts=str(workdir / "data/prompts_train.jsonl"),
+        eval_prompts="", out=str(tmp_path / "ppo.pt"), iters=1, batch_size=8, minibatch_size=8, max_new_tokens=6))
+    torch.set_num_threads(threads)
+    for model in (result["policy"], result["value"]):
+        assert model.config.dropout == 0.0
+        assert all(m.p == 0.0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    ckpt = torch.load(tmp_path / "ppo.pt", weights_only=False)
+    assert ckpt["model_config"]["dropout"] == 0.0
+    first = ckpt["history"][0]  # one minibatch, the whole batch: the ratio is 1 up to float rounding
+    assert first["clip_frac"] == 0.0 and first["approx_kl"] < 1e-9
+    evaluate.main(evaluate.EvalConfig(sft=str(tmp_path / "sft.pt"), rm=str(tmp_path / "rm.pt"),
+                                      ppo=str(tmp_path / "ppo.pt"), prompts=str(workdir / "data/prompts_eval.jsonl"),
+                                      n=4, best_of=2, max_new_tokens=4, out=str(tmp_path / "eval.md")))
+    assert "| PPO |" in (tmp_path / "eval.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["pretraining.txt", "pretraining.jsonl"])
+def test_ppo_ptx_on_plain_text(workdir, rm_run, tmp_path, name):
+    text = "The cat sat on the mat, and the dog lay on the rug by the door. " * 8
+    path = tmp_path / name
+    path.write_text(text if name.endswith(".txt") else json.dumps({"text": text}) + "\n")
+    r = run("train_ppo.py", "--ptx_coef", 0.5, "--ptx_data", path, "--iters", 1, "--batch_size", 4,
+            "--minibatch_size", 2, "--max_new_tokens", 4, "--eval_n", 0, "--out", tmp_path / "ppo.pt", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # the LM loss of the random SFT model: about ln(50,257) = 10.8 nats per token
+    assert torch.load(tmp_path / "ppo.pt", weights_only=False)["history"][0]["ptx_loss"] == pytest.approx(10.8, abs=1)
 
 
 def test_nan_stops_with_the_iteration_and_saves_nothing(workdir, rm_run, tmp_path):
