@@ -1,9 +1,10 @@
 """Stage 2 of RLHF: a reward model (RM) trained on rankings of sampled responses.
 
 InstructGPT §3.5: start from the SFT model, replace the unembedding with a scalar head, and train on labelers'
-rankings of K responses per prompt with the pairwise loss of nanorlhf/reward.py. Afterwards a bias is set so that
-the RM scores SFT samples with mean 0 (InstructGPT normalises the same way, so RL starts from reward ~0), and a
-scale so that they have std 1 (Ziegler et al. 2019).
+rankings of K responses per prompt with the pairwise loss of nanorlhf/reward.py. Afterwards the score is
+normalised on what PPO will score, samples of the SFT policy that end: a gain and a bias so that they have mean 0
+and std 1 (Ziegler et al. 2019), or, given --norm_demos, a bias so that the labelers' demonstrations score mean 0
+(InstructGPT §3.5; the gain from the samples if --unit_std).
 
 Default (the built-in task): sample K responses for each training prompt from the SFT model, let the scripted
 labeler rank them (with its noise), write the rankings as JSONL and train on that file (6 epochs: this small RM
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from nanorlhf import checkpoint, cpu, dist, tasks
 from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint_name, file_name, finite, in_range,
                              one_of, positive, require, run, seed_range)
-from nanorlhf.data import load_preferences, load_prompts, load_rankings, write_jsonl
+from nanorlhf.data import load_demonstrations, load_preferences, load_prompts, load_rankings, write_jsonl
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import GPT, ScalarModel
 from nanorlhf.optim import adamw, lr_at, set_lr
@@ -62,9 +63,9 @@ class Config:
     label_noise: float = 0.1
     """built-in labeler's noise: P(a ranked above b) = sigmoid((gold_a - gold_b) / label_noise)"""
     temperature: float = 1.0
-    """sampling temperature for the responses to rank"""
+    """sampling temperature of the responses to rank and of those that set the score's zero (use PPO's)"""
     max_new_tokens: int = 16
-    """longest sampled response"""
+    """longest sampled response, here as in PPO (use PPO's)"""
     eval_fraction: float = 0.1
     """with --data and no --eval_data: fraction held out"""
     keep_articles: bool = False
@@ -87,10 +88,13 @@ class Config:
     """weight of (each prompt's mean score)^2 added to the loss: keeps per-prompt offsets, which carry no
     preference, out of the score (nanorlhf/reward.py)"""
     n_normalize: int = 256
-    """prompts whose SFT samples set the score's zero (and scale)"""
+    """training prompts whose SFT samples (those that end: PPO scores only them) set the score's zero and scale"""
     unit_std: bool = True
-    """also scale the score to std 1 on SFT samples (Ziegler et al. 2019), so PPO's beta and penalties mean the
+    """also scale the score to std 1 on those samples (Ziegler et al. 2019), so PPO's beta and penalties mean the
     same whatever scale training left the RM at"""
+    norm_demos: str = ""
+    """demonstrations (any demonstrations format) whose mean score becomes 0, InstructGPT's bias; "" = the SFT
+    samples' mean, Ziegler et al.'s (the first n_normalize are used)"""
     dtype: str = "auto"
     """autocast dtype of forward passes: auto (bfloat16 on a GPU that has it, else float32), bfloat16 or float32"""
     compile: bool = False
@@ -202,6 +206,7 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
         dist.barrier()  # the files are written before anyone reads them
         train = load_rankings(files["train"])  # read back: the same path user data takes
         held_out = load_rankings(files["eval"])
+    demos = load_demonstrations(cfg.norm_demos)[:cfg.n_normalize] if cfg.norm_demos else None  # read before training
     if cfg.unit_std and len(train) < 2:
         raise UserError(f"{cfg.data or files['train']}: only 1 ranking to train on; normalising the score to std 1 "
                         f"needs 2 at least (or --unit_std false)")
@@ -239,9 +244,9 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
         set_lr(optimizer, lr_at(it, cfg.lr, cfg.warmup_iters, len(plan), 0.1 * cfg.lr))
         k = len(batch[0][1])
         with amp():
-            scores = group_scores(train_rm, batch, rm.config.block_size, device)  # (G*K,)
+            scores, ids = group_scores(train_rm, batch, rm.config.block_size, device)  # (G*K,) each
         # scaled: to backpropagate; loss: the mean over every process's rankings
-        scaled, loss = dist.global_mean_loss(ranking_loss(scores, k, cfg.center_coef), len(batch))
+        scaled, loss = dist.global_mean_loss(ranking_loss(scores, k, cfg.center_coef, ids), len(batch))
         if not torch.isfinite(loss):
             raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (the last checkpoint and "
                             f"its files are left as they were)")
@@ -260,8 +265,9 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
                                         plan_rng=plan_rng))
     bar.close()
 
-    # 3. Normalise: a bias so that SFT samples score 0 on average (InstructGPT §3.5), and (unit_std) a scale so that
-    #    they have std 1 (Ziegler et al. 2019): r -> (r - mean) * scale, folded into the head's weight and bias.
+    # 3. Normalise on what PPO scores, SFT samples that end: r -> (r - mean) * scale, folded into the head's weight
+    #    and bias. mean: theirs (Ziegler et al. 2019) or the demonstrations' (InstructGPT §3.5); scale: 1 / their
+    #    std (unit_std, Ziegler et al.).
     if not dist.is_main():  # rank 0 normalises, evaluates and saves; the others apply its shift and are done
         normalise_head(rm, *dist.broadcast_object(None))
         dist.cleanup()
@@ -273,12 +279,18 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
             print(f"warning: {no_end:.0%} of the SFT samples did not end within --max_new_tokens "
                   f"{cfg.max_new_tokens}: raise it to fit the data's replies (and use the same in train_ppo.py)",
                   file=sys.stderr)
+        ended = [(p, as_response(t, e)) for p, (t, e) in zip(prompts, samples) if e]  # PPO scores the rest as
+        if len(ended) < 2:  # no_eos_penalty; with (next to) none ended, the warning above has said what to change
+            ended = [(p, as_response(t, e)) for p, (t, e) in zip(prompts, samples)]
         rm.eval()
-        sft_scores = score_texts(rm, prompts, [as_response(t, e) for t, e in samples])
-    mean, std = sft_scores.mean().item(), sft_scores.std().item()
+        sft_scores = score_texts(rm, [p for p, _ in ended], [r for _, r in ended])
+        demo_scores = score_texts(rm, [p for p, _ in demos], [r for _, r in demos]) if demos else None
+    std = sft_scores.std().item()
+    mean = (demo_scores if demos else sft_scores).mean().item()
     scale = 1.0 / max(std, 1e-6) if cfg.unit_std else 1.0
     normalise_head(rm, *dist.broadcast_object((mean, scale)))
-    print(f"normalised: SFT samples' score mean {mean:+.3f} -> 0, std {std:.3f}" + (" -> 1" if cfg.unit_std else ""))
+    print(f"normalised: {'demonstrations' if demos else 'SFT samples'}' mean score {mean:+.3f} -> 0"
+          + (f"; SFT samples' std {std:.3f} -> 1" if cfg.unit_std else "") + f" ({len(ended)} samples)")
 
     # 4. Held-out accuracy, beside the ceiling the labels' own noise allows.
     with amp():

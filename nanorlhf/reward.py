@@ -20,9 +20,15 @@ from nanorlhf.model import left_pad
 from nanorlhf.tokenizer import encode, encode_response
 
 
-def ranking_loss(scores: torch.Tensor, k: int, center_coef: float = 0.0) -> torch.Tensor:
-    """scores (G*K,) for G groups of K responses each, each group ordered best first -> mean over all pairs of
-    -log sigmoid(r_better - r_worse), plus center_coef * the mean over groups of (the group's mean score)^2.
+def ranking_loss(scores: torch.Tensor, k: int, center_coef: float = 0.0, ids=None) -> torch.Tensor:
+    """scores (G*K,) for G groups of K responses each, each group ordered best first -> the mean over groups of
+    each group's mean over its pairs of -log sigmoid(r_better - r_worse), plus center_coef * the mean over groups of
+    (the group's mean score)^2.
+
+    ids (G*K,): equal for identical responses (group_scores gives them). A pair of two copies of one response is
+    left out: its term is the constant log 2 with no gradient, and the order its label gave it is noise, so
+    counting it would only shrink its group's gradient by the group's share of such ties. A group whose responses
+    are all one response has no pair, and does not count in the mean.
 
     The pairwise term sees only differences within a prompt, so it leaves each prompt's level free; trained alone,
     our RM put ~3/4 of its score variance into such per-prompt offsets, which carry no preference, and which PPO's
@@ -30,7 +36,15 @@ def ranking_loss(scores: torch.Tensor, k: int, center_coef: float = 0.0) -> torc
     0 at a small cost in fit, so the score's spread is mostly the within-prompt one that ranks responses."""
     s = scores.view(-1, k)  # (G, K)
     i, j = torch.triu_indices(k, k, offset=1, device=scores.device)  # all pairs i < j: i is ranked above j
-    loss = -F.logsigmoid(s[:, i] - s[:, j]).mean()  # (G, C(K,2)) -> scalar
+    terms = -F.logsigmoid(s[:, i] - s[:, j])  # (G, C(K,2))
+    if ids is None:
+        loss = terms.mean()
+    else:
+        same = ids.view(-1, k)  # (G, K)
+        valid = (same[:, i] != same[:, j]).to(terms.dtype)  # (G, C(K,2)): 0 for a pair of copies
+        n = valid.sum(1)  # (G,)
+        per_group = (terms * valid).sum(1) / n.clamp(min=1)  # (G,)
+        loss = per_group.sum() / (n > 0).sum().clamp(min=1)
     if center_coef:
         loss = loss + center_coef * s.mean(1).pow(2).mean()  # (G,) group means -> scalar
     return loss
@@ -75,7 +89,8 @@ def batches(groups, batch_size, rng):
 
 
 def group_scores(rm, batch, block_size, device):
-    """RM scores for a batch of (prompt, responses) groups with the same K: (G * K,), group-major.
+    """RM scores for a batch of (prompt, responses) groups with the same K: (G * K,), group-major, and the id of
+    each response (G * K,), equal for copies of one (prompt, response).
 
     Each distinct (prompt, response) goes through the RM once and its score is reused for every copy: sampled
     responses repeat (39 % of the built-in task's K = 8 SFT samples repeat one of their group's), and a copy's
@@ -89,7 +104,8 @@ def group_scores(rm, batch, block_size, device):
             where.append(slot[prompt, resp])
     idx, start = left_pad(seqs, device=device)  # (U, T): left-padded, so every sequence ends at column T-1
     unique = rm(idx, start)[:, -1]  # (U,): the score at the last token (rm(...), not rm.score: rm may be in DDP)
-    return unique[torch.tensor(where, device=device)]  # (G*K,): each response's score, copies included
+    ids = torch.tensor(where, device=device)  # (G*K,)
+    return unique[ids], ids  # (G*K,): each response's score, copies included
 
 
 @torch.no_grad()

@@ -8,7 +8,9 @@ import torch
 
 from conftest import TINY, load_script, run
 from nanorlhf import checkpoint, evaluate
+from nanorlhf.data import load_demonstrations
 from nanorlhf.model import GPT, GPTConfig, ScalarModel
+from nanorlhf.reward import score_texts
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +29,20 @@ def test_train_rm(workdir, rm_run):
     assert ckpt["kind"] == "rm" and ckpt["model_config"]["n_embd"] == 16
     rankings = [json.loads(line) for line in open(workdir / "out" / "rankings_train.jsonl")]
     assert len(rankings) == 16 and all(len(r["responses"]) == 3 for r in rankings)
+
+
+def test_rm_normalised_on_demonstrations_scores_them_mean_0(workdir, tmp_path):
+    # InstructGPT's normalisation: a bias so that the labelers' demonstrations score 0 on average.
+    r = run("train_rm.py", "--n_prompts", 8, "--n_eval", 4, "--k", 3, "--max_new_tokens", 6, "--n_normalize", 8,
+            "--batch_size", 4, "--epochs", 1, "--norm_demos", "data/sft.jsonl", "--out", tmp_path / "rm.pt",
+            cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "normalised: demonstrations' mean score" in r.stdout
+    rm = ScalarModel(TINY)
+    rm.load_state_dict(torch.load(tmp_path / "rm.pt", weights_only=False)["model"])
+    demos = load_demonstrations(workdir / "data" / "sft.jsonl")[:8]
+    scores = score_texts(rm.eval(), [p for p, _ in demos], [x for _, x in demos])
+    assert abs(scores.mean().item()) < 1e-4 and scores.std().item() > 0
 
 
 def test_train_ppo_and_evaluate(workdir, rm_run):

@@ -1,4 +1,5 @@
 import itertools
+import math
 import random
 
 import pytest
@@ -58,9 +59,10 @@ def test_group_scores_read_the_end_token():
     rm = ScalarModel(cfg).eval()
     batch = [("Sort: 3 1\nAnswer:", [" 1 3<|endoftext|>", " 3<|endoftext|>"])]
     with torch.no_grad():
-        grouped = group_scores(rm, batch, cfg.block_size, "cpu")
+        grouped, ids = group_scores(rm, batch, cfg.block_size, "cpu")
         single = score_texts(rm, ["Sort: 3 1\nAnswer:"] * 2, batch[0][1])
     torch.testing.assert_close(grouped, single, atol=1e-5, rtol=1e-5)
+    assert ids.tolist() == [0, 1]
 
 
 def test_group_scores_score_a_repeated_response_once_with_the_same_loss_and_gradient():
@@ -71,9 +73,10 @@ def test_group_scores_score_a_repeated_response_once_with_the_same_loss_and_grad
              ("Count: 5 5 2\nAnswer:", [" 3", " 2", " 3", " 4"])]
     seen = []
     hook = rm.head.register_forward_hook(lambda mod, inp, out: seen.append(out.shape[0]))
-    scores = group_scores(rm, batch, cfg.block_size, "cpu")
+    scores, ids = group_scores(rm, batch, cfg.block_size, "cpu")
     hook.remove()
     assert seen == [5]  # 8 responses, 5 distinct (prompt, response) pairs through the RM
+    assert ids.tolist() == [0, 1, 0, 0, 2, 3, 2, 4]
     loss = ranking_loss(scores, 4, center_coef=0.1)
     loss.backward()
     grad = [p.grad.clone() for p in rm.parameters()]
@@ -87,3 +90,21 @@ def test_group_scores_score_a_repeated_response_once_with_the_same_loss_and_grad
     ranking_loss(every, 4, center_coef=0.1).backward()
     for g, p in zip(grad, rm.parameters()):
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_pairs_of_identical_responses_are_left_out_of_the_loss():
+    # One group of K = 3: responses a, a, b (ranked in that order). The pair (a, a) is a tie: left out, the loss is
+    # the mean of the two real pairs (a above b, twice), not of three terms with a constant log 2 among them.
+    s = torch.tensor([1.0, 1.0, -0.5], requires_grad=True)
+    ids = torch.tensor([0, 0, 1])
+    loss = ranking_loss(s, 3, ids=ids)
+    expected = -torch.nn.functional.logsigmoid(torch.tensor(1.5)).item()  # both real pairs: 1.0 - (-0.5)
+    assert loss.item() == pytest.approx(expected)
+    diluted = ranking_loss(s, 3)  # with the tie: (2 * expected + log 2) / 3
+    assert diluted.item() == pytest.approx((2 * expected + math.log(2)) / 3)
+    # A group with nothing but copies has no pair and does not count; the other group's loss is unchanged.
+    two = torch.tensor([1.0, 1.0, -0.5, 0.3, 0.3, 0.3])
+    assert ranking_loss(two, 3, ids=torch.tensor([0, 0, 1, 2, 2, 2])).item() == pytest.approx(expected)
+    assert ranking_loss(two[3:], 3, ids=torch.tensor([2, 2, 2])).item() == 0.0
+    loss.backward()
+    assert s.grad[0] == s.grad[1] != 0  # the copies get the same gradient, from the real pairs only
