@@ -160,6 +160,29 @@ def load_rankings(path) -> list[tuple[str, list[str]]]:
     return out
 
 
+def load_choices(path) -> list[tuple[str, list[str]]]:
+    """[(prompt, responses with the chosen one first)] from best-of-K choices {"prompt", "responses", "best": i}
+    (Ziegler et al. 2019's 4-way comparisons: the labeler picks the best of K). Only the first place is known; the
+    order of the others means nothing (the RM's loss for them is reward.choice_loss, never the ranking loss)."""
+    path = Path(path)
+    out = []
+    for r in read_jsonl(path, {"prompt": str, "responses": list, "best": int}):
+        responses = r["responses"]
+        if len(responses) < 2 or not all(isinstance(x, str) for x in responses):
+            raise UserError(f"{path}:{r['_line']}: field 'responses' must be a list of at least 2 strings")
+        if not 0 <= r["best"] < len(responses):
+            raise UserError(f"{path}:{r['_line']}: field 'best' is {r['best']}, not an index into the "
+                            f"{len(responses)} responses")
+        rest = [x for j, x in enumerate(responses) if j != r["best"]]
+        out.append((r["prompt"], [with_end(x) for x in [responses[r["best"]], *rest]]))
+    return out
+
+
+def preference_kind(path) -> str:
+    """"choice" for best-of-K choices (only the best is known), "ranking" for every other preference format."""
+    return "choice" if "best" in read_jsonl_first(path) else "ranking"
+
+
 def read_jsonl_first(path) -> dict:
     """The first record of a JSONL file, unchecked (to tell formats apart), with its line number under "_line"."""
     for lineno, r in json_lines(path):
@@ -333,6 +356,8 @@ def load_preferences(path, articles=False) -> list[tuple[str, list[str]]]:
     CNN/DM records only if articles)."""
     path = Path(path)
     first = read_jsonl_first(path)
+    if "prompt" in first and "best" in first:
+        return load_choices(path)  # best first, the rest unordered: preference_kind(path) tells
     if "prompt" in first and ("responses" in first or "chosen" in first):
         return load_rankings(path)
     if "chosen" in first and "rejected" in first:

@@ -6,7 +6,8 @@ InstructGPT's labelers saw a prompt and K = 4 to 9 responses from the SFT model 
     python -m nanorlhf.label --ckpt out/sft.pt --prompts data/prompts_train.jsonl --k 4 --out data/rankings_human.jsonl
 
 For each prompt it shows K distinct responses, numbered, and reads a ranking best first: "3 1 4 2" (or "3142"
-for K <= 9). "s" skips the prompt, "q" (or Ctrl-D) quits; anything else asks again with a hint. Each ranking is
+for K <= 9); with --choose, only the number of the best one (Ziegler et al. 2019's 4-way choice), written as
+{"prompt", "responses", "best": i}. "s" skips the prompt, "q" (or Ctrl-D) quits; anything else asks again with a hint. Each ranking is
 appended to --out as {"prompt", "responses": [best first]} and flushed at once, so quitting or a crash loses
 nothing. A new session resumes after the prompts already in --out (skipped ones are offered again). Train on the
 file with train_rm.py like any rankings file.
@@ -27,7 +28,8 @@ import torch
 
 from nanorlhf.config import (at_least, check_room, check_writable, file_name, finite, in_range, positive, run,
                              seed_range)
-from nanorlhf.data import load_prompts, load_rankings
+from nanorlhf.config import UserError
+from nanorlhf.data import load_preferences, load_prompts, preference_kind
 from nanorlhf.sample import END, load_policy, respond
 
 
@@ -53,6 +55,8 @@ class Config:
     """nucleus sampling (1: off)"""
     seed: int = 0
     """prompt i's responses are drawn with seed + i"""
+    choose: bool = False
+    """pick the best response only (Ziegler et al.'s choice of the best of K) instead of ranking them all"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
 
@@ -106,12 +110,21 @@ def show(i, n_prompts, prompt, responses):
     print()
 
 
-def ask(k):
-    """The person's answer: a ranking (0-based, best first), "s" or "q"."""
-    hint = (f"rank all {k} responses, best first: the numbers 1 to {k} once each, e.g. "
-            f"'{' '.join(str(j) for j in [2, 1] + list(range(3, k + 1)))}'; s skips this prompt, q quits")
+def parse_choice(text: str, k: int):
+    """'3' -> 2 (0-based): the best of k responses; None if it is not one number from 1 to k."""
+    text = text.strip()
+    return int(text) - 1 if text.isdecimal() and 1 <= int(text) <= k else None
+
+
+def ask(k, choose=False):
+    """The person's answer: a ranking (0-based, best first) or, choosing, [the best]; "s" or "q"."""
+    if choose:
+        hint = f"the number of the best response, 1 to {k}; s skips this prompt, q quits"
+    else:
+        hint = (f"rank all {k} responses, best first: the numbers 1 to {k} once each, e.g. "
+                f"'{' '.join(str(j) for j in [2, 1] + list(range(3, k + 1)))}'; s skips this prompt, q quits")
     while True:
-        print("rank (best first; s skip, q quit)> ", end="", flush=True)
+        print("best (s skip, q quit)> " if choose else "rank (best first; s skip, q quit)> ", end="", flush=True)
         line = sys.stdin.readline()
         if not line:  # end of input: same as quitting
             print()
@@ -119,9 +132,14 @@ def ask(k):
         answer = line.strip().lower()
         if answer in ("s", "q"):
             return answer
-        order = parse_ranking(answer, k)
-        if order is not None:
-            return order
+        if choose:
+            best = parse_choice(answer, k)
+            if best is not None:
+                return [best]
+        else:
+            order = parse_ranking(answer, k)
+            if order is not None:
+                return order
         print(f"  ? {hint}")
 
 
@@ -136,7 +154,11 @@ def main(cfg: Config):
     prompts = load_prompts(cfg.prompts)
     done = Counter()  # prompts already ranked, counted: a prompt listed twice is labeled twice
     if out.exists() and out.read_bytes().strip():
-        done.update(prompt for prompt, _ in load_rankings(out))
+        kind = "choice" if cfg.choose else "ranking"
+        if preference_kind(out) != kind:
+            raise UserError(f"{out} holds {preference_kind(out)}s, and this session would add {kind}s: use another "
+                            f"--out or {'leave out' if cfg.choose else 'add'} --choose")
+        done.update(prompt for prompt, _ in load_preferences(out))
     todo = sum((Counter(prompts) - done).values())
     print(f"{sum(done.values())} rankings already in {out}; {todo} of {len(prompts)} prompts to go")
     if todo == 0:
@@ -157,12 +179,14 @@ def main(cfg: Config):
                 print(f"\nprompt {i + 1}: every sample was the same response; skipped")
                 continue
             show(i, len(prompts), prompt, responses)
-            answer = ask(len(responses))
+            answer = ask(len(responses), cfg.choose)
             if answer == "q":
                 break
             if answer == "s":
                 continue
-            f.write(json.dumps({"prompt": prompt, "responses": [responses[j] for j in answer]}) + "\n")
+            record = ({"prompt": prompt, "responses": responses, "best": answer[0]} if cfg.choose
+                      else {"prompt": prompt, "responses": [responses[j] for j in answer]})
+            f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())  # on disk now: a crash or a power cut keeps every ranking typed so far
             labeled += 1

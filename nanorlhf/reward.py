@@ -50,6 +50,26 @@ def ranking_loss(scores: torch.Tensor, k: int, center_coef: float = 0.0, ids=Non
     return loss
 
 
+def choice_loss(scores: torch.Tensor, k: int, center_coef: float = 0.0, ids=None) -> torch.Tensor:
+    """Ziegler et al. 2019, eq. 1: a labeler picked the best of K responses, stored first in each group. The loss is
+    the softmax cross-entropy of that pick under the scores,
+
+        loss(r) = -E log( exp r(x, y_best) / sum_j exp r(x, y_j) )
+
+    scores (G*K,) group-major -> the mean over groups, plus center_coef * the mean of (the group's mean score)^2 as
+    in ranking_loss. ids (G*K,): copies of one response (equal ids) are one option, so a copy of the best counts
+    as the best: -log( sum_{j = best} exp r_j / sum_j exp r_j )."""
+    s = scores.view(-1, k)  # (G, K)
+    if ids is None:
+        loss = (torch.logsumexp(s, 1) - s[:, 0]).mean()
+    else:
+        best = ids.view(-1, k) == ids.view(-1, k)[:, :1]  # (G, K): the best response and its copies
+        loss = (torch.logsumexp(s, 1) - torch.logsumexp(s.masked_fill(~best, float("-inf")), 1)).mean()
+    if center_coef:
+        loss = loss + center_coef * s.mean(1).pow(2).mean()
+    return loss
+
+
 def encode_pair(prompt: str, response: str, block_size: int) -> list[int]:
     """Tokens of prompt + response; too long for block_size: the prompt loses tokens from the left."""
     p, r = encode(prompt), encode_response(response)
@@ -116,8 +136,9 @@ def normalise_head(rm, mean, scale):
 
 
 @torch.no_grad()
-def accuracy(rm, groups):
-    """Held-out accuracy of the RM against the rankings, and (built-in task) against the gold score."""
+def accuracy(rm, groups, choice=False):
+    """Held-out accuracy of the RM against the rankings, and (built-in task) against the gold score. choice: the
+    groups are best-of-K choices (best first, the rest unordered), and only the pairs (best, other) are known."""
     rm.eval()
     flat = score_texts(rm, [p for p, rs in groups for _ in rs], [r for _, rs in groups for r in rs]).tolist()
     starts = list(itertools.accumulate((len(rs) for _, rs in groups), initial=0))
@@ -125,27 +146,37 @@ def accuracy(rm, groups):
     rm.train()
     in_order = [list(range(len(rs))) for _, rs in groups]  # rankings are stored best first
     same = [[hash(r) for r in rs] for _, rs in groups]  # identical responses have no right order
-    result = dict(acc_labels=pairwise_accuracy(scores, in_order, same))
+    label_scores = [[-i for i in range(len(rs))] for _, rs in groups]  # best first = highest
+    if choice:  # only "the first beats each other" is known: the others are tied for the labels
+        label_scores = [[0] + [-1] * (len(rs) - 1) for _, rs in groups]
+        same = [[(j > 0, r) for j, r in enumerate(rs)] for _, rs in groups]
+        result = dict(acc_labels=pairwise_accuracy(scores, in_order, same,
+                                                   skip=lambda u, v: u[0] == v[0] or u[1] == v[1]))
+    else:
+        result = dict(acc_labels=pairwise_accuracy(scores, in_order, same))
     if all(tasks.is_task_prompt(p) for p, _ in groups):
         gold = [[tasks.gold_score(p, r) for r in rs] for p, rs in groups]
         by_gold = [sorted(range(len(g)), key=lambda i: -g[i]) for g in gold]
         result["acc_gold"] = pairwise_accuracy(scores, by_gold, gold)
-        # The ceiling: how often the (noisy) labels themselves agree with the gold score.
-        label_scores = [[-i for i in range(len(rs))] for _, rs in groups]  # best first = highest
-        result["acc_labels_vs_gold"] = pairwise_accuracy(label_scores, by_gold, gold)
+        # The ceiling: how often the (noisy) labels themselves agree with the gold score, on the pairs they order.
+        known = [[(g, x) for g, x in zip(gs, ls)] for gs, ls in zip(gold, label_scores)]
+        result["acc_labels_vs_gold"] = pairwise_accuracy(label_scores, by_gold, known,
+                                                         skip=lambda u, v: u[0] == v[0] or u[1] == v[1])
     return result
 
 
-def pairwise_accuracy(scores: list[list[float]], orders: list[list[int]], values=None):
+def pairwise_accuracy(scores: list[list[float]], orders: list[list[int]], values=None, skip=None):
     """Fraction of pairs the scores put in the same order as `orders` (each a ranking of a group, best first).
 
-    values: optional per-response numbers; pairs whose values are equal (e.g. identical responses, or equal gold
-    scores) are left out, since there is no right order for them. Returns (accuracy, number of pairs).
+    values: optional per-response values; pairs whose values are equal (e.g. identical responses, or equal gold
+    scores) are left out, since there is no right order for them; skip(value_a, value_b) replaces "equal" where a
+    pair has no right order for another reason. Returns (accuracy, number of pairs).
     """
+    skip = skip or (lambda u, v: u == v)
     right = total = 0
     for s, order, v in zip(scores, orders, values if values is not None else [None] * len(scores)):
         for a, b in itertools.combinations(order, 2):  # a is ranked above b
-            if v is not None and v[a] == v[b]:
+            if v is not None and skip(v[a], v[b]):
                 continue
             total += 1
             right += s[a] > s[b]

@@ -212,6 +212,12 @@ def rank(prompt: str, responses: list[str], rng: random.Random, noise: float = 0
     return sorted(range(len(responses)), key=key, reverse=True)
 
 
+def choose_best(prompt: str, responses: list[str], rng: random.Random, noise: float = 0.1) -> int:
+    """The index of the response a noisy labeler picks as the best of K (Ziegler et al. 2019's 4-way choice): the
+    first place of rank(), so P(i) = softmax(gold / noise)_i, the same labeler as for rankings."""
+    return rank(prompt, responses, rng, noise)[0]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 
 def write_default_data(cfg: TaskConfig) -> dict:

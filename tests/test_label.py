@@ -12,7 +12,7 @@ import torch
 
 from nanorlhf import checkpoint, label, sample
 from nanorlhf.config import UserError
-from nanorlhf.data import load_rankings, with_end, write_jsonl
+from nanorlhf.data import load_preferences, load_rankings, with_end, write_jsonl
 from nanorlhf.model import GPT, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +120,19 @@ def test_respond_escapes_and_kinds(ckpt, tmp_path):
         sample.load_policy(tmp_path / "rm.pt")
     with pytest.raises(UserError, match="not found"):
         sample.load_policy(tmp_path / "nope.pt")
+
+
+def test_choose_mode_writes_the_best_of_k(tmp_path, ckpt, monkeypatch, capsys, one_thread):
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS[:2]])
+    out = tmp_path / "choices.jsonl"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("1 2\n9\n²\n3\ns\n"))  # a ranking, out of range, no number: asked
+    label.main(label.Config(ckpt=str(ckpt), prompts=str(tmp_path / "prompts.jsonl"), out=str(out), choose=True,
+                            **ARGS))
+    assert capsys.readouterr().out.count("the number of the best response, 1 to 4") == 3
+    r0 = expected_responses(ckpt, 0)
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"prompt": PROMPTS[0], "responses": r0, "best": 2}]
+    assert load_preferences(out) == [(PROMPTS[0], [with_end(r0[j]) for j in (2, 0, 1, 3)])]
+    assert label.parse_choice("4", 4) == 3 and label.parse_choice("0", 4) is None
+    with pytest.raises(UserError, match="holds choices, and this session would add rankings"):
+        label.main(label.Config(ckpt=str(ckpt), prompts=str(tmp_path / "prompts.jsonl"), out=str(out), **ARGS))

@@ -5,8 +5,12 @@ import random
 import pytest
 import torch
 
+from nanorlhf import tasks
+from nanorlhf.config import UserError
+from nanorlhf.data import END, load_preferences, preference_kind, write_jsonl
 from nanorlhf.model import GPTConfig, ScalarModel, left_pad
-from nanorlhf.reward import batches, encode_pair, group_scores, pairwise_accuracy, ranking_loss, score_texts
+from nanorlhf.reward import (accuracy, batches, choice_loss, encode_pair, group_scores, pairwise_accuracy, ranking_loss,
+                             score_texts)
 
 
 def test_k_way_loss_is_the_mean_over_all_pairs():
@@ -108,3 +112,45 @@ def test_pairs_of_identical_responses_are_left_out_of_the_loss():
     assert ranking_loss(two[3:], 3, ids=torch.tensor([2, 2, 2])).item() == 0.0
     loss.backward()
     assert s.grad[0] == s.grad[1] != 0  # the copies get the same gradient, from the real pairs only
+
+
+def test_choice_loss_is_the_softmax_cross_entropy_of_the_pick():
+    # Ziegler et al. eq. 1: one group of K = 3, the labeler's pick stored first.
+    s = torch.tensor([2.0, 1.0, 0.0])
+    expected = -math.log(math.exp(2.0) / (math.exp(2.0) + math.exp(1.0) + 1.0))
+    assert choice_loss(s, 3).item() == pytest.approx(expected)
+    # A copy of the pick is the same option: -log((e^2 + e^2) / (e^2 + e^2 + 1)).
+    s2 = torch.tensor([2.0, 2.0, 0.0])
+    copies = choice_loss(s2, 3, ids=torch.tensor([0, 0, 1])).item()
+    assert copies == pytest.approx(-math.log(2 * math.exp(2.0) / (2 * math.exp(2.0) + 1.0)), rel=1e-5)
+    assert choice_loss(s2, 3).item() > copies  # without ids the copy would count against the pick
+    two = torch.cat([s, s2])
+    assert choice_loss(two, 3, center_coef=0.5).item() == pytest.approx(
+        (expected + choice_loss(s2, 3).item()) / 2 + 0.5 * (1.0 ** 2 + (4 / 3) ** 2) / 2)
+
+
+def test_choice_data_loads_best_first_and_its_accuracy_counts_only_known_pairs(tmp_path):
+    write_jsonl(tmp_path / "c.jsonl", [{"prompt": "Largest: 3 9\nAnswer:", "responses": [" 3", " 9", " 9"], "best": 1}])
+    assert preference_kind(tmp_path / "c.jsonl") == "choice"
+    groups = load_preferences(tmp_path / "c.jsonl")
+    assert groups == [("Largest: 3 9\nAnswer:", [" 9" + END, " 3" + END, " 9" + END])]
+    torch.manual_seed(0)
+    rm = ScalarModel(GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16))
+    result = accuracy(rm, groups, choice=True)
+    assert result["acc_labels"][1] == 1  # (best, " 3"); the copy of the best and the others' order are unknown
+    assert result["acc_labels_vs_gold"] == (1.0, 1)  # the pick was right, on the one pair it orders
+    write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p", "responses": ["a", "b"], "best": 2}])
+    with pytest.raises(UserError, match=r"bad.jsonl:1: field 'best' is 2"):
+        load_preferences(tmp_path / "bad.jsonl")
+
+
+def test_the_scripted_labeler_picks_by_softmax_of_gold():
+    prompt = "Largest: 3 9 4\nAnswer:"
+    responses = [" 9<|endoftext|>", " 4<|endoftext|>", " 3 9<|endoftext|>"]
+    assert tasks.choose_best(prompt, responses, random.Random(0), noise=0) == 0
+    rng = random.Random(1)
+    picks = [tasks.choose_best(prompt, responses, rng, noise=0.5) for _ in range(4000)]
+    g = [tasks.gold_score(prompt, r) for r in responses]
+    p = [math.exp(x / 0.5) for x in g]
+    for i in range(3):
+        assert picks.count(i) / 4000 == pytest.approx(p[i] / sum(p), abs=0.03)
