@@ -12,7 +12,11 @@ RM's ranking loss (nanorlhf/reward.py) with that reward. A ranking of K response
 
 import itertools
 
+import torch
 import torch.nn.functional as F
+
+from nanorlhf import dist, ops
+from nanorlhf.sft import encode_example, make_batch
 
 
 def implicit_reward(logp, ref_logp, beta):
@@ -33,6 +37,31 @@ def ranking_pairs(responses):
     return [(i, j) for i, j in itertools.combinations(range(len(responses)), 2) if responses[i] != responses[j]]
 
 
-def sequence_logprobs(token_logp, mask):
-    """Per-token log-probs (B, R) and the response mask (B, R) -> log pi(y|x) per response (B,)."""
-    return (token_logp * mask).sum(1)
+def pair_examples(groups, block_size):
+    """Every C(K, 2) pair of each ranking (identical responses left out), as token examples for sequence_logprobs:
+    (examples, pairs) with examples the distinct (prompt, response) encodings and pairs (chosen, rejected) indices
+    into them (a response shared by several pairs is encoded, and scored, once)."""
+    examples, slot, pairs = [], {}, []
+    for prompt, responses in groups:
+        for i, j in ranking_pairs(responses):
+            ids = []
+            for r in (responses[i], responses[j]):
+                if (prompt, r) not in slot:
+                    ex = encode_example(prompt, r, block_size)
+                    if ex is None:
+                        raise ValueError(f"a response is longer than the context ({block_size} tokens)")
+                    slot[prompt, r] = len(examples)
+                    examples.append(ex)
+                ids.append(slot[prompt, r])
+            pairs.append(tuple(ids))
+    return examples, pairs
+
+
+def sequence_logprobs(model, examples, device):
+    """log pi(y|x) of each (tokens, number of response tokens) example (B,): the sum of its response tokens'
+    log-probs, through the log-prob seam on the response tokens only."""
+    idx, start, mask = make_batch(examples, device)  # (B, T), (B,), (B, T - 1)
+    hidden = model(idx, start)  # (B, T, C)
+    logp = ops.token_logprobs(hidden[:, :-1][mask], dist.unwrap(model).lm_head.weight, idx[:, 1:][mask])  # (N,)
+    rows = mask.nonzero()[:, 0]  # (N,): the example each response token belongs to
+    return torch.zeros(len(examples), device=logp.device, dtype=logp.dtype).index_add(0, rows, logp)  # (B,)

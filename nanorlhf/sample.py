@@ -4,7 +4,7 @@
     python -m nanorlhf.sample --ckpt out/ppo.pt --prompt 'Sort: 3 1 2\\nAnswer:' --n 4 --temperature 0.7
     python -m nanorlhf.sample --ckpt path/to/gpt2 --top_p 0.9 < prompts.txt
 
---ckpt takes a nanorlhf GPT checkpoint (kind sft or ppo, the policy stored under "model") or a Hugging Face GPT-2
+--ckpt takes a nanorlhf GPT checkpoint (kind sft, ppo or dpo, the policy stored under "model") or a Hugging Face GPT-2
 directory (nanorlhf.pretrained). A literal \\n in a prompt becomes a newline, so one line can hold the built-in
 task's two-line prompts; an empty line samples with no prompt (from <|endoftext|>, as GPT-2 does).
 """
@@ -62,8 +62,8 @@ def load_policy(path, device="cpu") -> GPT:
         model = load_gpt2(path)
     else:
         ckpt = checkpoint.load(path, made_by="train_sft.py", finished=False)  # a mid-run model talks too
-        if ckpt.get("kind") not in ("sft", "ppo"):
-            raise UserError(f"{path} is a {ckpt.get('kind')!r} checkpoint; sampling needs a GPT (sft or ppo)")
+        if ckpt.get("kind") not in ("sft", "ppo", "dpo"):
+            raise UserError(f"{path} is a {ckpt.get('kind')!r} checkpoint; sampling needs a GPT (sft, ppo or dpo)")
         model = GPT(checkpoint.model_config(ckpt))
         model.load_state_dict(ckpt["model"])
     return model.to(device).eval()

@@ -1,9 +1,13 @@
+import json
 import math
 
 import pytest
 import torch
 
+from conftest import run
 from nanorlhf import dpo
+from nanorlhf.data import write_jsonl
+from nanorlhf.model import GPT, GPTConfig
 
 
 def test_dpo_loss_by_hand():
@@ -34,5 +38,38 @@ def test_implicit_reward_and_its_gradient():
 def test_ranking_pairs_leave_out_identical_responses():
     assert dpo.ranking_pairs(["a", "b", "c"]) == [(0, 1), (0, 2), (1, 2)]
     assert dpo.ranking_pairs(["a", "b", "a"]) == [(0, 1), (1, 2)]
-    mask = torch.tensor([[1.0, 1.0, 0.0]])
-    assert dpo.sequence_logprobs(torch.tensor([[-1.0, -2.0, -9.0]]), mask).tolist() == [-3.0]
+
+
+def test_sequence_logprobs_sum_the_response_tokens():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
+    examples = [([5, 6, 7, 8], 2), ([9, 10, 11], 1)]  # (tokens, response tokens at the end)
+    got = dpo.sequence_logprobs(model, examples, "cpu")
+    for b, (toks, n) in enumerate(examples):
+        idx = torch.tensor([toks])
+        logp = torch.log_softmax(model.lm_logits(model(idx)), -1)[0]  # (T, V)
+        want = sum(logp[t - 1, toks[t]].item() for t in range(len(toks) - n, len(toks)))
+        assert got[b].item() == pytest.approx(want, abs=1e-4)
+
+
+def test_pair_examples_encode_each_response_once():
+    groups = [("Count: 1 2\nAnswer:", [" 2<|endoftext|>", " 3<|endoftext|>", " 2<|endoftext|>"])]
+    examples, pairs = dpo.pair_examples(groups, 32)
+    assert len(examples) == 2 and pairs == [(0, 1), (1, 0)]  # (0, 2) is a pair of copies: left out
+
+
+def test_train_dpo_end_to_end(workdir, tmp_path):
+    rankings = [{"prompt": f"Sort: {a} {b}\nAnswer:", "responses": [f" {min(a, b)} {max(a, b)}", f" {a}", f" {b} {b}"]}
+                for a, b in ((3, 1), (2, 5), (7, 4), (9, 0), (6, 8), (1, 2))]
+    write_jsonl(tmp_path / "train.jsonl", rankings[:4])
+    write_jsonl(tmp_path / "eval.jsonl", rankings[4:])
+    r = run("train_dpo.py", "--data", tmp_path / "train.jsonl", "--eval_data", tmp_path / "eval.jsonl",
+            "--batch_size", 4, "--epochs", 3, "--lr", 1e-3, "--eval_n", 4, "--max_new_tokens", 4,
+            "--out", tmp_path / "dpo.pt", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DPO: 12 pairs of 12 responses" in r.stdout and "acc_labels" in r.stdout and "gold" in r.stdout
+    ckpt = torch.load(tmp_path / "dpo.pt", weights_only=False)
+    sft = torch.load(workdir / "out" / "sft.pt", weights_only=False)
+    assert ckpt["kind"] == "dpo" and not torch.equal(ckpt["model"]["lm_head.weight"], sft["model"]["lm_head.weight"])
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "dpo" / "metrics.jsonl") if "loss" in line]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and losses[-1] < losses[0]  # starts at log 2 (pi = ref)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 from conftest import ROOT
 
-SCRIPTS = ("train_sft", "train_rm", "train_ppo")
-READER_PATH = [f"{s}.py" for s in SCRIPTS] + [f"nanorlhf/{m}.py" for m in
-                                              ("model", "rollout", "sft", "reward", "ppo", "ops")]
+SCRIPTS = tuple(sorted(p.stem for p in ROOT.glob("train_*.py")))  # the stages, and DPO beside them
+READER_PATH = [f"{s}.py" for s in ("train_sft", "train_rm", "train_ppo")] + [
+    f"nanorlhf/{m}.py" for m in ("model", "rollout", "sft", "reward", "ppo", "ops")]
 
 
 def sources(folder):
