@@ -13,6 +13,7 @@ Writes out/ppo.pt (the policy under "model", the value function under "value")
 
     python train_ppo.py
     torchrun --standalone --nproc_per_node=4 train_ppo.py    # 4 GPUs (DDP): each rolls out batch_size prompts
+    python train_ppo.py --micro_batch_size 4 --activation_checkpointing     # less memory, the same updates
 """
 
 import random
@@ -33,7 +34,7 @@ from nanorlhf.evaluate import gold_eval
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import GPT, ScalarModel
 from nanorlhf.optim import adamw, set_lr
-from nanorlhf.rollout import generate, response_logprobs, response_mask, response_values
+from nanorlhf.rollout import generate, merge_rollouts, response_logprobs, response_mask, response_values
 from nanorlhf.sft import make_batch, sft_loss
 from nanorlhf.tokenizer import encode
 
@@ -63,6 +64,12 @@ class Config:
     """prompts rolled out per iteration and process (torchrun: world_size x batch_size in all)"""
     minibatch_size: int = 16
     """rollouts per gradient step and process"""
+    micro_batch_size: int = 0
+    """rollouts per pass of every kind: generation, scoring, the update's (summed into each step); 0: all at once"""
+    activation_checkpointing: bool = False
+    """keep only each block's input for the backward pass, recompute the rest there: less memory, more compute"""
+    fsdp: bool = False
+    """torchrun: shard the policy, the value function and their AdamW states over the processes (FSDP2), not DDP"""
     ppo_epochs: int = 1
     """passes over each batch of rollouts (Ziegler et al.: 4 epochs; rollouts are cheap on the built-in task)"""
     lr: float = 3e-4
@@ -137,7 +144,9 @@ class Config:
         require(self.minibatch_size <= self.batch_size, f"--minibatch_size must be at most --batch_size "
                                                         f"{self.batch_size}, got {self.minibatch_size}")
         positive(self, "lr", "vf_lr", "temperature", "target_kl", "cliprange", "cliprange_value")
-        at_least(self, 0, "init_kl_coef", "ent_coef", "ptx_coef", "grad_clip", "eval_n", "threads", "ckpt_interval")
+        at_least(self, 0, "init_kl_coef", "ent_coef", "ptx_coef", "grad_clip", "eval_n", "threads", "ckpt_interval",
+                 "micro_batch_size")
+        require(not (self.fsdp and (self.ckpt_interval or self.resume)), "--fsdp needs --ckpt_interval 0, no --resume")
         in_range(self, "gamma", 0, 1)
         in_range(self, "lam", 0, 1)
         one_of(self, "dtype", DTYPES)
@@ -202,11 +211,12 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
     if not cfg.value_embeddings:  # before the optimizer: it takes only the parameters that require a gradient
         value.gpt.transformer.wte.weight.requires_grad_(False)
     policy.train(), value.train()  # dropout is 0 in all four models (load_models), so train() is exact
-    policy_opt = adamw(policy, cfg.lr, betas=(0.9, 0.95))
+    policy.checkpointing = value.gpt.checkpointing = cfg.activation_checkpointing
+    # The modules the PPO epochs train through (DDP or FSDP with several processes, compiled with --compile);
+    # generation, scoring, evaluation, PPO-ptx's second forward and checkpoints use policy and value themselves.
+    train_policy, train_value = (dist.wrap(m, device, cfg.compile, cfg.fsdp) for m in (policy, value))
+    policy_opt = adamw(policy, cfg.lr, betas=(0.9, 0.95))  # after FSDP: their parameters are shards
     value_opt = adamw(value, cfg.vf_lr, betas=(0.9, 0.95))
-    # The modules the PPO epochs train through (DDP with several processes, compiled with --compile); generation,
-    # scoring, evaluation, PPO-ptx's second forward and checkpoints use policy and value themselves.
-    train_policy, train_value = dist.wrap(policy, device, cfg.compile), dist.wrap(value, device, cfg.compile)
     beta = cfg.init_kl_coef
     history = []
     order, pos = list(range(len(prompts))), len(prompts)
@@ -227,9 +237,11 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
           f"{cfg.ppo_epochs} epochs of minibatch {cfg.minibatch_size}, GPT {policy.num_params() / 1e6:.2f}M, {device}")
     n_pol, n_val = checkpoint.param_count(policy.config), checkpoint.param_count(value.config, head=True)
     n_trained = n_pol + n_val - (0 if cfg.value_embeddings else value.config.vocab_size * value.config.n_embd)
+    micro = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size) * policy.config.block_size  # positions
     dist.print0(checkpoint.memory_line(checkpoint.memory_estimate(
-        2 * n_pol + 2 * n_val, n_trained, [(policy.config, cfg.batch_size * policy.config.block_size)],
-        [(c, cfg.minibatch_size * policy.config.block_size) for c in (policy.config, value.config)], low_precision)))
+        2 * n_pol + 2 * n_val, n_trained, [(policy.config, micro)],
+        [(c, min(micro, cfg.minibatch_size * policy.config.block_size)) for c in (policy.config, value.config)],
+        low_precision, cfg.activation_checkpointing, dist.world_size() if cfg.fsdp else 1)))
 
     # out/ppo.pt -> out/ppo/metrics.jsonl; a resumed run drops the records after its checkpoint and appends
     metrics = (MetricsLog(Path(cfg.out).with_suffix(""), fresh=not resumed, upto=first_it, staged=staged)
@@ -252,8 +264,11 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
         #    records log pi_old(y_t) of each sampled token at that temperature: the same numbers a fresh forward
         #    pass gives (tests/test_ppo.py checks it), so the PPO ratio starts at exactly 1 without recomputing.
         policy.eval()
+        dist.unshard(policy, value)  # FSDP: the whole models in every process for steps 1-6
+        parts = dist.micro_batches(len(batch_prompts), cfg.micro_batch_size)  # one part by default
         with amp():
-            r = generate(policy, batch_prompts, cfg.max_new_tokens, cfg.temperature, generator=generator)
+            r = merge_rollouts([generate(policy, batch_prompts[rows], cfg.max_new_tokens, cfg.temperature,
+                                         generator=generator) for rows in parts])
         policy.train()
         tokens, start, P, resp_len = r["tokens"], r["start"], r["prompt_len"], r["resp_len"]
         old_logp = r["logprobs"]  # (B, R)
@@ -270,14 +285,18 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
         with torch.no_grad(), amp():
             # 2. Score: the RM's reward at each response's last real token; no end token -> a fixed penalty.
             last = P + resp_len - 1  # (B,)
-            score = torch.where(ended, rm.score(tokens, start, last), cfg.no_eos_penalty)  # (B,)
+            n, mbs = len(batch_prompts), cfg.micro_batch_size  # every pass in micro-batches of rows
+            score = torch.where(ended, dist.in_parts(lambda s: rm.score(tokens[s], start[s], last[s]), n, mbs),
+                                cfg.no_eos_penalty)  # (B,)
             # 3. Log-probs of the sampled tokens under the frozen reference (SFT), and the values V(s_t).
-            ref_logp = response_logprobs(ref, tokens, start, P, mask, cfg.temperature)  # (B, R)
+            ref_logp = dist.in_parts(lambda s: response_logprobs(ref, tokens[s], start[s], P, mask[s],
+                                                                 cfg.temperature), n, mbs)  # (B, R)
             if low_precision:
                 # bf16: generation's log-probs come from bf16 logits, the update's from the log-prob seam; take
                 # log pi_old from the seam too, so the PPO ratio starts at exactly 1 here as well.
-                old_logp = response_logprobs(policy, tokens, start, P, mask, cfg.temperature)  # (B, R)
-            old_values = response_values(value, tokens, start, P, maskf)  # (B, R)
+                old_logp = dist.in_parts(lambda s: response_logprobs(policy, tokens[s], start[s], P, mask[s],
+                                                                     cfg.temperature), n, mbs)  # (B, R)
+            old_values = dist.in_parts(lambda s: response_values(value, tokens[s], start[s], P, maskf[s]), n, mbs)
             # 4. Rewards: -beta * (log pi - log pi_ref) per token, plus the RM score on the last token.
             rewards, kl = ppo.kl_penalized_rewards(score, old_logp, ref_logp, maskf, beta)
             mean_kl = dist.mean(kl.sum(1))  # KL(pi || pi_SFT) per response, one-sample estimate, all processes
@@ -289,6 +308,7 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                 rewards = ppo.whiten(rewards, maskf, shift_mean=False, reduce=reduce)
             adv, returns = ppo.gae(rewards, old_values, maskf, cfg.gamma, cfg.lam)
             adv = ppo.whiten(adv, maskf, reduce=reduce)
+        dist.reshard(policy, value)
         t2 = time.time()
 
         # 7. PPO epochs: shuffled minibatches; clipped policy loss, clipped value loss, entropy bonus.
@@ -296,43 +316,53 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(len(batch_prompts), device=device)
             for mb in perm.split(cfg.minibatch_size):
-                mb_mask = mask[mb]
-                m = maskf[mb]
-                # The exact entropy over the vocabulary costs extra passes over the logits (~35 % of a CPU update):
-                # only for the bonus. Without it the logged entropy is the rollouts' estimate E[-log pi(y)].
-                with amp():
-                    out = response_logprobs(train_policy, tokens[mb], start[mb], P, mb_mask, cfg.temperature,
-                                            with_entropy=bool(cfg.ent_coef))  # (b, R), with gradient
-                logp, entropy = out if cfg.ent_coef else (out, -old_logp[mb])  # (b, R) each
-                ent = ppo.masked_mean(entropy, m)
-                pg_loss, clip_frac, approx_kl = ppo.policy_loss(logp, old_logp[mb], adv[mb], m, cfg.cliprange)
-                # Each loss is a mean over every process's response tokens (DDP averages per-process gradients).
-                n_mb = int(mb_mask.sum())
-                loss = dist.global_mean_loss(pg_loss - cfg.ent_coef * ent, n_mb)[0]
-                if ptx is not None:
-                    # 8. PPO-ptx: gamma_ptx * the LM loss on pretraining text or demonstrations (InstructGPT eq. 2).
-                    ptx_batch = dist.shard([ptx[rng.randrange(len(ptx))]
-                                            for _ in range(cfg.minibatch_size * dist.world_size())])
-                    with amp():  # through policy, not the DDP wrapper: one DDP forward per backward
-                        ptx_loss, n_ptx = sft_loss(policy, *make_batch(ptx_batch, device))
-                    loss = loss + cfg.ptx_coef * dist.global_mean_loss(ptx_loss, n_ptx)[0]
-                with amp():
-                    values = response_values(train_value, tokens[mb], start[mb], P, m)  # (b, R)
-                vf_loss, vf_clip = ppo.value_loss(values, old_values[mb], returns[mb], m, cfg.cliprange_value)
-                vf_loss = dist.global_mean_loss(vf_loss, n_mb)[0]
-                if not (torch.isfinite(loss) and torch.isfinite(vf_loss)):
-                    raise UserError(f"PPO loss is not finite at iteration {it} (policy {loss.item()}, value "
-                                    f"{vf_loss.item()}); stopped without saving: lower --lr or raise --init_kl_coef")
+                # 8. PPO-ptx: gamma_ptx * the LM loss on pretraining text or demonstrations (InstructGPT eq. 2).
+                ptx_batch = dist.shard([ptx[rng.randrange(len(ptx))] for _ in range(
+                    cfg.minibatch_size * dist.world_size())]) if ptx is not None else []
+                # In micro-batches (one by default), PPO-ptx's examples in as many; each loss is a mean over every
+                # process's tokens (DDP averages per-process gradients): each part's mean weighs its share of them.
+                parts = [mb[s] for s in dist.micro_batches(len(mb), cfg.micro_batch_size)]
+                ptx_parts = [make_batch(ptx_batch[s], device) for s in dist.split(len(ptx_batch), len(parts))
+                             ] if ptx is not None else []
+                shares, ptx_shares = dist.shares([int(mask[rows].sum()) for rows in parts],
+                                                 [int(ptx_mask.sum()) for *_, ptx_mask in ptx_parts])
                 policy_opt.zero_grad(set_to_none=True)
                 value_opt.zero_grad(set_to_none=True)
-                (loss + vf_loss).backward()  # separate models: each gets only its own loss's gradient
+                for i, rows in dist.accumulate(parts, train_policy, train_value):  # DDP: the last one syncs
+                    m = maskf[rows]
+                    # The exact entropy over the vocabulary costs extra passes over the logits (~35 % of a CPU
+                    # update): only for the bonus. Without it the logged entropy is the rollouts' E[-log pi(y)].
+                    with amp():
+                        out = response_logprobs(train_policy, tokens[rows], start[rows], P, mask[rows],
+                                                cfg.temperature, with_entropy=bool(cfg.ent_coef))  # (b, R)
+                    logp, entropy = out if cfg.ent_coef else (out, -old_logp[rows])  # (b, R) each
+                    ent = ppo.masked_mean(entropy, m)
+                    pg_loss, clip_frac, approx_kl = ppo.policy_loss(logp, old_logp[rows], adv[rows], m,
+                                                                    cfg.cliprange)
+                    loss = (pg_loss - cfg.ent_coef * ent) * shares[i]
+                    if ptx is not None:
+                        with amp():  # through policy, not the DDP wrapper: one DDP forward per backward
+                            ptx_loss, _ = sft_loss(policy, *ptx_parts[i])
+                        loss = loss + cfg.ptx_coef * ptx_shares[i] * ptx_loss
+                    with amp():
+                        values = response_values(train_value, tokens[rows], start[rows], P, m)  # (b, R)
+                    vf_loss, vf_clip = ppo.value_loss(values, old_values[rows], returns[rows], m,
+                                                      cfg.cliprange_value)
+                    vf_loss = vf_loss * shares[i]
+                    if not (torch.isfinite(loss) and torch.isfinite(vf_loss)):
+                        raise UserError(f"PPO loss is not finite at iteration {it} (policy {loss.item()}, value "
+                                        f"{vf_loss.item()}); stopped without saving: lower --lr or raise "
+                                        f"--init_kl_coef")
+                    (loss + vf_loss).backward()  # separate models: each gets only its own loss's gradient
+                    part = [shares[i] * pg_loss.item(), vf_loss.item(), *(shares[i] * x.item() for x in (
+                        clip_frac, approx_kl, ent, vf_clip)), ptx_shares[i] * ptx_loss.item() if ptx_parts else 0.0]
+                    row = part if i == 0 else [a + b for a, b in zip(row, part)]  # the minibatch's token means
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
                     torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.grad_clip)
                 policy_opt.step()
                 value_opt.step()
-                stats.append((pg_loss.item(), vf_loss.item(), clip_frac.item(), approx_kl.item(), ent.item(),
-                              vf_clip.item(), ptx_loss.item() if ptx is not None else 0.0))
+                stats.append(row)
         t3 = time.time()
 
         # Log this iteration.
@@ -347,12 +377,15 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
             resp_len=dist.mean(resp_len.float()), no_eos=1.0 - dist.mean(ended.float()),
             time_s=t3 - t0, tokens_per_s=n_tokens / (t3 - t0),
             t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2, **({"ptx_loss": s[6]} if ptx is not None else {}))
-        if dist.is_main() and eval_prompts and ((it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iters):
+        evaluate = eval_prompts and ((it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iters)
+        dist.unshard(policy, when=evaluate)  # FSDP: every process gathers the whole policy for rank 0's evaluation
+        if dist.is_main() and evaluate:
             with amp():  # rank 0 alone: the others wait for it at the next iteration's first all-reduce
                 record["gold"], record["gold_se"] = gold_eval(policy, eval_prompts, cfg.max_new_tokens,
                                                               cfg.temperature)
             tqdm.write(f"iter {it + 1}: held-out gold {record['gold']:.3f} ± {record['gold_se']:.3f}, "
                        f"RM score {record['score']:+.3f}, KL {mean_kl:.2f}, beta {beta:.3f}")
+        dist.reshard(policy)
         history.append(record)
         if metrics:
             metrics.log(it + 1, **{k: v for k, v in record.items() if k != "iter"})
@@ -362,15 +395,16 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
             rngs = dist.all_gather_objects(checkpoint.rng_state(rng, generator))  # each process samples its own
             if dist.is_main():
                 staged.commit()  # this run's metrics replace the previous run's, with its first checkpoint
-                checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg),
+                checkpoint.save(cfg.out, policy, kind="ppo", value=dist.state_dict(value), train_config=vars(cfg),
                                 history=history, beta=beta, step=it + 1,
                                 resume=dict(policy_opt=policy_opt.state_dict(), value_opt=value_opt.state_dict(),
                                             rng=rngs, order=order, pos=pos))
     bar.close()
 
+    dist.unshard(policy, value)  # FSDP: the whole models in every process, for rank 0 to save
     if dist.is_main():
         staged.commit()
-        checkpoint.save(cfg.out, policy, kind="ppo", value=value.state_dict(), train_config=vars(cfg),
+        checkpoint.save(cfg.out, policy, kind="ppo", value=dist.state_dict(value), train_config=vars(cfg),
                         history=history, beta=beta, step=cfg.iters)
         print(f"PPO done in {time.time() - t_start:.0f} s; wrote {cfg.out}")
     dist.cleanup()

@@ -14,6 +14,7 @@ Reads  out/sft.pt; data/prompts_train.jsonl and data/prompts_eval.jsonl (default
 Writes out/rm.pt; out/rankings_train.jsonl and out/rankings_eval.jsonl (default)
 """
 
+import math
 import random
 import sys
 import time
@@ -73,6 +74,14 @@ class Config:
     "ARTICLE: ...\nTL;DR:" prompts"""
     batch_size: int = 16
     """prompts (each with all of its K responses) per step and process (torchrun: world_size x batch_size in all)"""
+    micro_batch_size: int = 0
+    """rankings per forward and backward pass, summed into each step (0: all at once): less memory, the same step"""
+    sample_batch_size: int = 128
+    """prompts the SFT model samples for at a time (the built-in labeler's responses, the normalisation's samples)"""
+    activation_checkpointing: bool = False
+    """keep only each block's input for the backward pass, recompute the rest there: less memory, more compute"""
+    fsdp: bool = False
+    """torchrun: shard the RM, its gradients and AdamW's moments over the processes (FSDP2) instead of DDP"""
     epochs: int = 6
     """passes over the rankings (InstructGPT: one, as more overfit its large RMs; this small RM underfits after
     one)"""
@@ -122,16 +131,18 @@ class Config:
         at_least(self, 2, "k")  # a ranking compares responses
         at_least(self, 2 if self.unit_std else 1, "n_normalize")  # the std of one score is no scale
         at_least(self, 0, "label_noise", "warmup_iters", "weight_decay", "grad_clip", "center_coef", "threads",
-                 "ckpt_interval")
+                 "ckpt_interval", "micro_batch_size")
+        at_least(self, 1, "sample_batch_size")
+        require(not (self.fsdp and (self.ckpt_interval or self.resume)), "--fsdp needs --ckpt_interval 0, no --resume")
         positive(self, "temperature", "lr")  # temperature 0 would sample the same response K times
         one_of(self, "dtype", DTYPES)
         seed_range(self)
 
 
-def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, generator):
+def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, generator, batch_size=128):
     """Sample k responses per prompt and have the scripted labeler rank them: [{"prompt", "responses"}]."""
     flat = [p for p in prompts for _ in range(k)]
-    samples = sample_responses(policy, flat, max_new_tokens, temperature, batch_size=128, generator=generator)
+    samples = sample_responses(policy, flat, max_new_tokens, temperature, batch_size, generator)
     records = []
     for i, prompt in enumerate(prompts):
         # A response that never ended is shown to the labeler as it is (it scores as what it says).
@@ -172,6 +183,7 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
     trunk = checkpoint.init_gpt(cfg.init_from) if cfg.init_from else None  # any size (the tokenizer is GPT-2's)
     rm = ScalarModel(trunk.config if trunk else model_cfg).to(device)
     rm.gpt.load_state_dict(trunk.state_dict() if trunk else sft["model"])  # the trunk starts as SFT's; a new head
+    rm.gpt.checkpointing = cfg.activation_checkpointing
 
     # 1. Rankings: the scripted labeler's (built-in) or the user's file.
     t0 = time.time()
@@ -198,7 +210,8 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
                       f"(scripted labeler, noise {cfg.label_noise})")
                 with amp():
                     records = label_builtin(policy, dist.shard(prompts[name]), cfg.k, cfg.label_noise,
-                                            cfg.temperature, cfg.max_new_tokens, label_rng, generator)
+                                            cfg.temperature, cfg.max_new_tokens, label_rng, generator,
+                                            cfg.sample_batch_size)
                 records = [r for part in dist.all_gather_objects(records) for r in part]  # every process's
                 if dist.is_main():  # beside the previous run's rankings until this run's first checkpoint
                     write_jsonl(staged.path(files[name]), records)
@@ -214,17 +227,19 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
     dist.print0(f"RM: {len(train)} rankings ({n_pairs} pairs) to train on, {len(held_out)} held out "
           f"[{time.time() - t0:.0f} s]")
     n_rm, k_max = checkpoint.param_count(rm.config, head=True), max(len(rs) for _, rs in train)
-    dist.print0(checkpoint.memory_line(checkpoint.memory_estimate(  # the policy samples 128 prompts at a time
-        checkpoint.param_count(model_cfg) + n_rm, n_rm, [(model_cfg, 128 * model_cfg.block_size)],
-        [(rm.config, cfg.batch_size * k_max * rm.config.block_size)], dist.autocast_dtype(cfg.dtype, device))))
+    micro = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
+    dist.print0(checkpoint.memory_line(checkpoint.memory_estimate(
+        checkpoint.param_count(model_cfg) + n_rm, n_rm, [(model_cfg, cfg.sample_batch_size * model_cfg.block_size)],
+        [(rm.config, micro * k_max * rm.config.block_size)], dist.autocast_dtype(cfg.dtype, device),
+        cfg.activation_checkpointing, dist.world_size() if cfg.fsdp else 1)))
 
     # 2. Train on all C(K, 2) pairs of each prompt at once, for `epochs` passes.
-    optimizer = adamw(rm, cfg.lr, cfg.weight_decay)
+    train_rm = dist.wrap(rm, device, cfg.compile, cfg.fsdp)  # DDP or FSDP with several processes
+    optimizer = adamw(rm, cfg.lr, cfg.weight_decay)  # after FSDP: its parameters are shards
     if resumed:  # the plan is drawn from rng as it stood here in the first run: draw the same one again
         rng.setstate(resumed["resume"]["plan_rng"])
     plan_rng = rng.getstate()
     plan = [b for _ in range(cfg.epochs) for b in batches(train, cfg.batch_size * dist.world_size(), rng)]
-    train_rm = dist.wrap(rm, device, cfg.compile)  # DDP with several processes; `rm` for the rest
     first_it = 0
     if resumed:  # go on from the checkpoint: weights, optimizer, random states
         rm.load_state_dict(resumed["model"])
@@ -243,21 +258,27 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
         batch = dist.shard(batch)  # this process's part of the global batch
         set_lr(optimizer, lr_at(it, cfg.lr, cfg.warmup_iters, len(plan), 0.1 * cfg.lr))
         k = len(batch[0][1])
-        with amp():
-            scores, ids = group_scores(train_rm, batch, rm.config.block_size, device)  # (G*K,) each
-        # scaled: to backpropagate; loss: the mean over every process's rankings
-        scaled, loss = dist.global_mean_loss(ranking_loss(scores, k, cfg.center_coef, ids), len(batch))
-        if not torch.isfinite(loss):
-            raise UserError(f"the RM loss became {loss.item()} at step {it}: lower --lr (the last checkpoint and "
-                            f"its files are left as they were)")
+        # In micro-batches of rankings (one by default), each mean weighed by its share of the global batch's.
+        parts = [batch[s] for s in dist.micro_batches(len(batch), cfg.micro_batch_size)]
+        (shares,) = dist.shares([len(part) for part in parts])
         optimizer.zero_grad(set_to_none=True)
-        scaled.backward()
+        total = 0.0
+        for i, part in dist.accumulate(parts, train_rm):  # DDP: only the last one averages over processes
+            with amp():
+                scores, ids = group_scores(train_rm, part, rm.config.block_size, device)  # (G*K,) each
+            loss = ranking_loss(scores, k, cfg.center_coef, ids)
+            (loss * shares[i]).backward()
+            total += shares[i] * loss.item()
+        loss = dist.mean_floats([total])[0]  # the mean over every process's rankings
+        if not math.isfinite(loss):
+            raise UserError(f"the RM loss became {loss} at step {it}: lower --lr (the last checkpoint and "
+                            f"its files are left as they were)")
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(rm.parameters(), cfg.grad_clip)
         optimizer.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.set_postfix(loss=f"{loss:.3f}")
         if metrics:
-            metrics.log(it + 1, loss=loss.item(), lr=optimizer.param_groups[0]["lr"])
+            metrics.log(it + 1, loss=loss, lr=optimizer.param_groups[0]["lr"])
         if metrics and cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < len(plan):
             staged.commit()  # this run's metrics and rankings replace the previous run's, with its first checkpoint
             checkpoint.save(cfg.out, rm, kind="rm", train_config=vars(cfg), step=it + 1,
@@ -268,13 +289,15 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
     # 3. Normalise on what PPO scores, SFT samples that end: r -> (r - mean) * scale, folded into the head's weight
     #    and bias. mean: theirs (Ziegler et al. 2019) or the demonstrations' (InstructGPT §3.5); scale: 1 / their
     #    std (unit_std, Ziegler et al.).
+    dist.unshard(rm)  # FSDP: the whole RM in every process from here on
     if not dist.is_main():  # rank 0 normalises, evaluates and saves; the others apply its shift and are done
         normalise_head(rm, *dist.broadcast_object(None))
         dist.cleanup()
         return dict(rm=rm)
     prompts = [p for p, _ in train][:cfg.n_normalize]
     with amp():
-        samples = sample_responses(policy, prompts, cfg.max_new_tokens, cfg.temperature, 128, generator)
+        samples = sample_responses(policy, prompts, cfg.max_new_tokens, cfg.temperature, cfg.sample_batch_size,
+                                   generator)
         if (no_end := 1 - sum(e for _, e in samples) / len(samples)) > 0.5:  # the zero would be set on cut replies
             print(f"warning: {no_end:.0%} of the SFT samples did not end within --max_new_tokens "
                   f"{cfg.max_new_tokens}: raise it to fit the data's replies (and use the same in train_ppo.py)",

@@ -11,8 +11,10 @@ Writes out/sft.pt
     python train_sft.py                      # the built-in task, a fresh 4-layer GPT (~70 s on 2 CPU cores)
     python train_sft.py --max_iters 50 --lr 3e-4 --data my_demos.jsonl
     torchrun --standalone --nproc_per_node=4 train_sft.py     # 4 GPUs (DDP): 4 x batch_size examples per step
+    python train_sft.py --init_from gpt2 --micro_batch_size 4 --activation_checkpointing    # less memory
 """
 
+import math
 import random
 import time
 from dataclasses import dataclass, replace
@@ -57,6 +59,12 @@ class Config:
     """dropout while training SFT"""
     batch_size: int = 64
     """examples per step and process (torchrun: the global batch is world_size x batch_size)"""
+    micro_batch_size: int = 0
+    """examples per forward and backward pass, summed into each step (0: all at once): less memory, the same step"""
+    activation_checkpointing: bool = False
+    """keep only each block's input for the backward pass, recompute the rest there: less memory, more compute"""
+    fsdp: bool = False
+    """torchrun: shard the model, its gradients and AdamW's moments over the processes (FSDP2) instead of DDP"""
     max_iters: int = 400
     """optimizer steps"""
     lr: float = 2e-3
@@ -106,7 +114,8 @@ class Config:
         positive(self, "lr")
         in_range(self, "min_lr", 0, self.lr)
         at_least(self, 0, "warmup_iters", "weight_decay", "grad_clip", "eval_n", "temperature", "threads",
-                 "ckpt_interval")
+                 "ckpt_interval", "micro_batch_size")
+        require(not (self.fsdp and (self.ckpt_interval or self.resume)), "--fsdp needs --ckpt_interval 0, no --resume")
         in_range(self, "val_fraction", 0, 1, hi_open=True)
         one_of(self, "dtype", DTYPES)
         seed_range(self)
@@ -141,6 +150,7 @@ def train_sft(cfg: Config, staged: checkpoint.Staged):
         model = GPT(GPTConfig(block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
                               dropout=cfg.dropout))
     model.to(device)
+    model.checkpointing = cfg.activation_checkpointing
     block_size = model.config.block_size
     check_room(cfg.max_new_tokens, block_size, cfg.init_from or cfg.out)
 
@@ -157,19 +167,21 @@ def train_sft(cfg: Config, staged: checkpoint.Staged):
     dist.print0(f"SFT: {len(train)} train / {len(val)} val demonstrations, GPT {model.num_params() / 1e6:.2f}M params "
           f"({model.config.n_layer} layers, {model.config.n_embd} wide), device {device}")
     n_params = checkpoint.param_count(model.config)  # the gold score samples 64 prompts at a time
+    micro = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size)
     dist.print0(checkpoint.memory_line(checkpoint.memory_estimate(
         n_params, n_params, [(model.config, 64 * block_size)] if eval_prompts else [],
-        [(model.config, cfg.batch_size * block_size)], dist.autocast_dtype(cfg.dtype, device))))
+        [(model.config, micro * block_size)], dist.autocast_dtype(cfg.dtype, device), cfg.activation_checkpointing,
+        dist.world_size() if cfg.fsdp else 1)))
 
     # 3. Train: the next-token loss on response tokens (nanorlhf/sft.py), warm-up then cosine learning rate;
     #    validation loss and held-out gold score every eval_interval steps.
-    optimizer = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))
-    train_model = dist.wrap(model, device, cfg.compile)  # DDP with several processes; `model` for the rest
+    with amp():
+        history = [dict(iter=0, val_loss=val_loss(model, val, 256, device))] if val and dist.is_main() else []
+    train_model = dist.wrap(model, device, cfg.compile, cfg.fsdp)  # DDP or FSDP with several processes
+    optimizer = adamw(model, cfg.lr, cfg.weight_decay, betas=(0.9, 0.99))  # after FSDP: its parameters are shards
     global_batch = cfg.batch_size * dist.world_size()
     order, pos = list(range(len(train))), len(train)
     t0, tokens_seen = time.time(), 0
-    with amp():
-        history = [dict(iter=0, val_loss=val_loss(model, val, 256, device))] if val and dist.is_main() else []
     first_it = 0
     if resumed:  # go on from the checkpoint: optimizer, random states, data order and position, history
         state = resumed["resume"]
@@ -189,23 +201,30 @@ def train_sft(cfg: Config, staged: checkpoint.Staged):
         batch = dist.shard([train[i] for i in order[pos:pos + global_batch]])  # this process's part of the batch
         pos += global_batch
         set_lr(optimizer, lr_at(it, cfg.lr, cfg.warmup_iters, cfg.max_iters, cfg.min_lr))
-        idx, start, mask = make_batch(batch, device)
-        with amp():
-            loss, n = sft_loss(train_model, idx, start, mask)
-        scaled, loss = dist.global_mean_loss(loss, n)  # loss: the mean over every process's response tokens
-        if not torch.isfinite(loss):
-            raise UserError(f"the loss became {loss.item()} at step {it}: lower --lr (the last checkpoint and its "
-                            f"metrics are left as they were)")
+        # In micro-batches (one by default), each mean weighed by its share of the global batch's response tokens.
+        parts = [make_batch(batch[s], device) for s in dist.micro_batches(len(batch), cfg.micro_batch_size)]
+        (shares,) = dist.shares([int(mask.sum()) for _, _, mask in parts])
         optimizer.zero_grad(set_to_none=True)
-        scaled.backward()
+        total = 0.0
+        for i, (idx, start, mask) in dist.accumulate(parts, train_model):  # DDP: the last averages over processes
+            with amp():
+                loss, _ = sft_loss(train_model, idx, start, mask)
+            (loss * shares[i]).backward()
+            total += shares[i] * loss.item()
+            tokens_seen += int((start.numel() * idx.shape[1]) - start.sum())
+        loss = dist.mean_floats([total])[0]  # the mean over every process's response tokens
+        if not math.isfinite(loss):
+            raise UserError(f"the loss became {loss} at step {it}: lower --lr (the last checkpoint and its "
+                            f"metrics are left as they were)")
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
-        tokens_seen += int((start.numel() * idx.shape[1]) - start.sum())
-        bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_seen / (time.time() - t0):.0f}")
 
-        if dist.is_main() and ((it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters):  # rank 0 alone
-            record = dict(iter=it + 1, train_loss=loss.item(), time_s=time.time() - t0)
+        evaluate = (it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.max_iters
+        dist.unshard(model, when=evaluate)  # FSDP: every process gathers the whole model for rank 0's evaluation
+        if dist.is_main() and evaluate:  # rank 0 alone
+            record = dict(iter=it + 1, train_loss=loss, time_s=time.time() - t0)
             with amp():
                 if val:
                     record["val_loss"] = val_loss(model, val, 256, device)
@@ -214,12 +233,13 @@ def train_sft(cfg: Config, staged: checkpoint.Staged):
                 record["gold"], record["gold_se"] = gold
             history.append(record)
             metrics.log(it + 1, **{k: v for k, v in record.items() if k != "iter"})
-            msg = f"iter {it + 1}: train loss {loss.item():.3f}"
+            msg = f"iter {it + 1}: train loss {loss:.3f}"
             if "val_loss" in record:
                 msg += f", val loss {record['val_loss']:.3f}"
             if gold is not None:
                 msg += f", held-out gold score {gold[0]:.3f} ± {gold[1]:.3f} ({len(eval_prompts)} prompts, T={cfg.temperature})"
             tqdm.write(msg)
+        dist.reshard(model)
         if dist.is_main() and cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.max_iters:
             staged.commit()  # this run's metrics replace the previous run's, with its first checkpoint
             checkpoint.save(cfg.out, model, kind="sft", train_config=vars(cfg), history=history, step=it + 1,
@@ -229,6 +249,7 @@ def train_sft(cfg: Config, staged: checkpoint.Staged):
 
     # 4. Save the fine-tuned model: the policy's start and the reference of stages 2 and 3.
     elapsed = time.time() - t0
+    dist.unshard(model)  # FSDP: the whole model in every process, for rank 0 to save
     if dist.is_main():
         staged.commit()
         checkpoint.save(cfg.out, model, kind="sft", train_config=vars(cfg), history=history, step=cfg.max_iters)

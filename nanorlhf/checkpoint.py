@@ -19,16 +19,16 @@ from pathlib import Path
 import torch
 
 from nanorlhf.config import UserError, check_writable
-from nanorlhf.dist import print0
+from nanorlhf.dist import print0, state_dict
 from nanorlhf.model import GPT, GPTConfig
 from nanorlhf.pretrained import check_vocab, load_gpt2
 
 
 def save(path, model, kind: str, **extra) -> None:
     """Write {kind, model_config, model state, **extra} to path via a temporary file, so a crash never leaves a
-    half-written checkpoint behind."""
+    half-written checkpoint behind. A sharded model (FSDP) must be gathered first (dist.unshard)."""
     path = Path(path)
-    payload = dict(kind=kind, model_config=asdict(model.config), model=model.state_dict(), **extra)
+    payload = dict(kind=kind, model_config=asdict(model.config), model=state_dict(model), **extra)
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -185,18 +185,28 @@ def param_count(cfg: GPTConfig, head: bool = False) -> int:
     return (cfg.vocab_size + cfg.block_size) * C + cfg.n_layer * block + C * (1 + b) + (C + 1) * head
 
 
-def memory_estimate(weights: int, trained: int, kv_cache=(), activations=(), low_precision=None) -> dict:
+def memory_estimate(weights: int, trained: int, kv_cache=(), activations=(), low_precision=None,
+                    checkpointing=False, shards=1) -> dict:
     """Bytes one process needs, by kind: weights in fp32 (4 bytes a parameter), gradients (4 per trained one), AdamW's
     two moments (8 per trained one), generation's KV cache (keys and values: 2 n_layer n_embd numbers per cached
     position), and the activations one training pass keeps for backward (~16 n_embd numbers per token and layer:
     the inputs of both LayerNorms and of the four Linear layers, q, k, v and the MLP's 4x hidden twice). The last
     two are 2-byte numbers under bf16 autocast (low_precision: a true value, such as the autocast dtype). Not
     counted: the LM head's logits (computed in chunks), temporaries and the framework's own. kv_cache, activations:
-    [(GPTConfig, positions)]."""
+    [(GPTConfig, positions)], the positions of one generation batch and of one micro-batch (a step's micro-batches
+    run one after another: only one's activations are alive at a time).
+
+    checkpointing (activation checkpointing): each block keeps only its input (the fp32 residual stream, n_embd
+    numbers per token) and recomputes the rest in the backward pass, one block at a time, so 16 n_embd numbers per
+    token once instead of per layer. shards: FSDP over that many processes divides the trained weights, their
+    gradients and Adam's moments among them (weights - trained, the frozen models', stay whole)."""
     size = 2 if low_precision else 4
-    return dict(weights=4 * weights, gradients=4 * trained, adam=8 * trained,
-                kv_cache=sum(2 * c.n_layer * c.n_embd * n * size for c, n in kv_cache),
-                activations=sum(16 * c.n_layer * c.n_embd * n * size for c, n in activations))
+
+    def kept(c):  # numbers per position a backward pass needs, in bytes
+        return 4 * c.n_layer * c.n_embd + 16 * c.n_embd * size if checkpointing else 16 * c.n_layer * c.n_embd * size
+    return dict(weights=4 * (weights - trained + trained / shards), gradients=4 * trained / shards,
+                adam=8 * trained / shards, kv_cache=sum(2 * c.n_layer * c.n_embd * n * size for c, n in kv_cache),
+                activations=sum(kept(c) * n for c, n in activations))
 
 
 def memory_line(estimate: dict) -> str:

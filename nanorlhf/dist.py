@@ -11,11 +11,22 @@ data (a mean, a variance) is summed over processes the same way (`all_reduce_sum
 (no torchrun: WORLD_SIZE unset or 1) sets up nothing, and every function here is then the identity or close to it.
 
 `batch_size` is per process: the global batch is world_size x batch_size. Only rank 0 prints, logs and saves.
+
+Micro-batches: a step may run its batch through the model in parts (`micro_batches`), one forward and backward
+each, the gradients adding up before the optimizer's step; each part's mean loss is weighed by its share of the
+global batch's items (`shares`); under DDP the gradient is averaged over processes only in the last part's
+backward (`accumulate`: no_sync around the others).
+
+Sharding (`wrap(..., fsdp=True)`): PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) splits each transformer
+block's parameters, and so their gradients and AdamW's moments, over the processes; a forward or backward pass
+gathers one block's whole parameters at a time. Generation, evaluation and checkpoints run the plain module on the
+whole parameters: `unshard` gathers them in every process (a collective), `reshard` frees them again.
 """
 
 import contextlib
 import datetime
 import os
+import warnings
 
 import torch
 import torch.distributed as tdist
@@ -145,6 +156,51 @@ def global_mean_loss(loss: torch.Tensor, n: int):
     return loss * (world_size() * n / t[1].clamp(min=1)), t[0] / t[1].clamp(min=1)
 
 
+def micro_batches(n: int, size: int) -> list[slice]:
+    """The parts a step's n items are run in: slices of `size` items, the last one shorter (size 0 or >= n: one slice
+    of all n, the plain step)."""
+    if not size or size >= n:
+        return [slice(0, n)]
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def in_parts(fn, n: int, size: int):
+    """fn(rows) for the row slices of n rows in micro-batches of size, concatenated along the first dimension: a
+    pass without gradient run a part at a time (size 0: one call with all rows)."""
+    outs = [fn(rows) for rows in micro_batches(n, size)]
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def split(n: int, parts: int) -> list[slice]:
+    """n items in `parts` consecutive slices whose sizes differ by one at most."""
+    return [slice(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
+
+
+def shares(*counts) -> list[list[float]]:
+    """For losses that are means over items (tokens, rankings), run in micro-batches that hold counts[j][i] items
+    of loss j on this process: the factor for each micro-batch's own mean, world_size * count / (the count summed
+    over every micro-batch of every process). The weighted means add up to the mean over all the global batch's
+    items, and DDP's average over processes (a division by world_size) makes their gradient that of the whole
+    batch. One collective for all the losses; one process with one micro-batch: [[1.0]]."""
+    totals = sum_floats([sum(c) for c in counts])
+    return [[world_size() * c / max(total, 1) for c in cs] for cs, total in zip(counts, totals)]
+
+
+def accumulate(parts, *models):
+    """(i, part) for each of a step's micro-batches, its forward and backward run in the loop's body. Under DDP only
+    the last one's backward averages the gradients over the processes, the earlier ones add to them locally
+    (no_sync). Under FSDP every backward reduce-scatters its gradients into the shards, where they add up: FSDP's
+    no-sync would keep a whole unsharded gradient between micro-batches, the memory sharding is there to save.
+    models: the modules trained through (wrap's)."""
+    for i, part in enumerate(parts):
+        with contextlib.ExitStack() as stack:
+            for m in models:
+                m = getattr(m, "_orig_mod", m)  # inside torch.compile's wrapper
+                if isinstance(m, torch.nn.parallel.DistributedDataParallel) and i < len(parts) - 1:
+                    stack.enter_context(m.no_sync())
+            yield i, part
+
+
 def all_gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] on every process (picklable objects)."""
     if world_size() == 1:
@@ -163,19 +219,66 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
-def wrap(model, device, compile=False):
+def wrap(model, device, compile=False, fsdp=False):
     """The module to train with: DistributedDataParallel(model) with more than one process, then torch.compile if
     asked. Keep `model` itself for everything else (generation, evaluation, checkpoints, attributes such as
     lm_head: `unwrap` gets back to it). Every parameter must get a gradient in every backward pass (DDP's default,
     find_unused_parameters=False); a second forward of the same model before backward (PPO-ptx) goes through
-    `model`, not the wrapper: its gradients land on the same parameters before DDP's hooks average them."""
+    `model`, not the wrapper: its gradients land on the same parameters before DDP's hooks average them.
+
+    fsdp (with more than one process): shard `model` itself instead, in place, with FSDP2's fully_shard: each
+    transformer block (each module of a ModuleList) is a unit, the rest (embeddings, final LayerNorm, heads) the
+    root's. Make the optimizer after this: its parameters are the sharded ones. Between `unshard` and `reshard` the
+    module runs as a plain one (generation, evaluation, saving)."""
     wrapped = model
-    if world_size() > 1:
+    if world_size() > 1 and fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for blocks in [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]:
+            for block in blocks:
+                fully_shard(block)
+        fully_shard(model)
+        # ScalarModel's output is a view (squeeze), which FSDP warns about in case it is changed in place: never.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    elif world_size() > 1:
         dev = torch.device(device)
         wrapped = torch.nn.parallel.DistributedDataParallel(model, device_ids=[dev] if dev.type == "cuda" else None)
     if compile:
         wrapped = torch.compile(wrapped)
     return wrapped
+
+
+def fsdp_units(model) -> list:
+    """The FSDP2 modules inside model (none if it is not sharded)."""
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def unshard(*models, when=True) -> None:
+    """Every process gathers the whole parameters of each sharded model (a collective; nothing for a plain model),
+    and keeps them until reshard(): forward passes then run as a plain module's, without collectives, so rank 0 may
+    generate, evaluate or save alone (dist.state_dict)."""
+    for unit in [u for m in models for u in fsdp_units(m)] if when else []:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+
+
+def reshard(*models) -> None:
+    """Back to the sharded parameters after unshard() (what a forward changed in the gathered ones is dropped).
+    The blocks reshard after each forward again; the root (embeddings, final LayerNorm, heads) keeps FSDP's own
+    choice for it, not to: its weights are needed again at once (the LM head) and for the backward pass."""
+    for m in models:
+        for unit in fsdp_units(m):
+            unit.set_reshard_after_forward(unit is not m, recurse=False)
+            unit.reshard()
+
+
+def state_dict(model) -> dict:
+    """model.state_dict(); for a sharded model, between unshard() and reshard(), its whole tensors (every process
+    holds them, so rank 0 may save alone)."""
+    if not fsdp_units(model):
+        return model.state_dict()
+    # Not model.state_dict(): FSDP's hook for it puts the shards back. Our models have no buffers.
+    return {k: p.detach() for k, p in model.named_parameters(remove_duplicate=False)}
 
 
 def unwrap(model):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanorlhf import ops
 from nanorlhf.tokenizer import PAD
@@ -104,6 +105,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.checkpointing = False  # activation checkpointing: keep each block's input, recompute it in backward
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if name.endswith("c_proj.weight"):
@@ -134,7 +136,10 @@ class GPT(nn.Module):
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, C)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, start, cache[i] if cache is not None else None, pos0)
+            if self.checkpointing and cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, start, use_reentrant=False)
+            else:
+                x = block(x, start, cache[i] if cache is not None else None, pos0)
         return self.transformer.ln_f(x)  # (B, T, C)
 
     def lm_logits(self, hidden):

@@ -7,6 +7,7 @@ model in training, on the same layout: column P - 1 + t holds the state that pre
 """
 
 import torch
+import torch.nn.functional as F
 
 from nanorlhf import ops
 from nanorlhf.dist import unwrap
@@ -129,6 +130,23 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     ended_with_eos = (out.gather(1, (resp_len - 1).clamp(min=0)[:, None]).squeeze(1) == eos_id) & (resp_len > 0)
     return dict(tokens=torch.cat([idx, out[:, :R]], dim=1), start=start, prompt_len=P, resp_len=resp_len,
                 logprobs=logprobs[:, :R], ended=ended_with_eos)
+
+
+def merge_rollouts(parts):
+    """generate()'s results for consecutive parts of a batch (micro-batches) as one batch's: the prompts left-padded
+    to the longest, the responses right-padded to the longest."""
+    if len(parts) == 1:
+        return parts[0]
+    P = max(r["prompt_len"] for r in parts)
+    R = max(r["tokens"].shape[1] - r["prompt_len"] for r in parts)
+    pad = [(P - r["prompt_len"], R - r["tokens"].shape[1] + r["prompt_len"]) for r in parts]  # (left, right)
+    tokens = [torch.cat([F.pad(r["tokens"][:, :r["prompt_len"]], (left, 0), value=PAD),
+                         F.pad(r["tokens"][:, r["prompt_len"]:], (0, right), value=PAD)], 1)
+              for r, (left, right) in zip(parts, pad)]
+    return dict(tokens=torch.cat(tokens), start=torch.cat([r["start"] + left for r, (left, _) in zip(parts, pad)]),
+                prompt_len=P, resp_len=torch.cat([r["resp_len"] for r in parts]),
+                logprobs=torch.cat([F.pad(r["logprobs"], (0, right)) for r, (_, right) in zip(parts, pad)]),
+                ended=torch.cat([r["ended"] for r in parts]))
 
 
 def response_logprobs(model, tokens, start, P, mask, temperature, with_entropy=False):

@@ -6,7 +6,9 @@
 
 A script name runs that script's main() with the flags that follow and saves DUMP/rank{RANK}.pt: the state dicts of
 the models main() returns (and, under NAME_grad, their gradients of the last backward pass), and its other figures
-(PPO's beta). `whiten` first (it saves the time of another launch)
+(PPO's beta). A model sharded with --fsdp is saved whole: its state as the script left it (gathered, dist.unshard),
+its gradients gathered from the shards, before the process group is left; NAME_held counts the parameters the
+process holds itself (all of them without FSDP). `whiten` first (it saves the time of another launch)
 adds "whiten": each process's data and its whitening with the statistics of all processes (nanorlhf.ppo.whiten
 with dist.all_reduce_sum).
 """
@@ -46,13 +48,23 @@ def main():
         checks["whiten"] = whiten_check()
         what, *argv = argv
     script = importlib.import_module(what)
+    cleanup, dist.cleanup = dist.cleanup, lambda: dist.barrier()  # left below, after the shards are gathered
     result = {**script.main(parse_args(script.Config, argv)), **checks}
-    saved = {k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in result.items()}
-    # and each model's gradients of the last backward pass (after DDP averaged them)
-    saved.update({f"{k}_grad": {n: p.grad for n, p in v.named_parameters() if p.grad is not None}
-                  for k, v in result.items() if isinstance(v, torch.nn.Module)})
+    models = {k: v for k, v in result.items() if isinstance(v, torch.nn.Module)}
+    saved = {k: {n: t.detach().clone() for n, t in dist.state_dict(v).items()} if k in models else v
+             for k, v in result.items()}
+    for k, v in models.items():  # and each model's gradients of the last backward pass (after DDP averaged them)
+        dist.reshard(v)  # FSDP: back to the shards, which hold the gradients
+        saved[f"{k}_grad"] = {n: whole(p.grad) for n, p in v.named_parameters() if p.grad is not None}
+        saved[f"{k}_held"] = sum(getattr(p, "_local_tensor", p).numel() for p in v.parameters())  # this process's
+    cleanup()
     Path(dump).mkdir(parents=True, exist_ok=True)
     torch.save(saved, Path(dump) / f"rank{rank}.pt")
+
+
+def whole(t):
+    """A tensor, whole: FSDP's DTensor shards gathered (a collective)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 if __name__ == "__main__":

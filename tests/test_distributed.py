@@ -1,8 +1,9 @@
-"""Many processes (DDP, nanorlhf/dist.py) on CPU, bf16 autocast and torch.compile.
+"""Many processes (DDP and FSDP, nanorlhf/dist.py) on CPU, bf16 autocast and torch.compile.
 
 Two processes with the gloo backend (torchrun, through tests/dist_worker.py, which saves what each process ends
 with) against one process with the doubled batch (run here, in this process): the processes must end identical,
-and equal to the one-process run up to float rounding.
+and equal to the one-process run up to float rounding. With --fsdp (FSDP2's fully_shard) each process holds half
+of each trained model and of its AdamW state, and gathers the whole model for rollouts, evaluation and saving.
 """
 
 import datetime
@@ -102,6 +103,24 @@ def test_sft_two_processes_match_one_with_the_doubled_batch(workdir, tmp_path, o
     assert max_diff(saved["model"], r0["model"]) == 0 and saved["history"][-1]["iter"] == 3
 
 
+def test_fsdp_sft_in_micro_batches_matches_one_process_with_the_doubled_batch(workdir, tmp_path, one_process):
+    """FSDP2 with micro-batches (each reduce-scatters into the shards) and activation checkpointing; rank 0 alone
+    computes the validation loss at the end on the gathered model, and saves it."""
+    run, (r0, r1) = torchrun(tmp_path, "train_sft", *SFT_ARGS, "--batch_size", 4, "--fsdp", "--ckpt_interval", 0,
+                             "--micro_batch_size", 3, "--activation_checkpointing", "--out", "out/sft_fsdp.pt",
+                             cwd=workdir)
+    assert_identical(r0["model"], r1["model"])
+    assert "val loss" in run.stdout and run.stdout.count("SFT done") == 1
+    n = sum(t.numel() for k, t in r0["model"].items() if k != "lm_head.weight")  # the tied head once
+    assert r0["model_held"] + r1["model_held"] == n and r0["model_held"] < 0.6 * n  # each holds its half
+    one = one_process(load_script("train_sft"), *SFT_ARGS, "--batch_size", 8, "--out", "out/sft1.pt", cwd=workdir)
+    assert max_diff(r0["model"], one["model"]) < 1e-5
+    scale = max(g.abs().max().item() for g in one["model_grad"].values())  # the last step's, from the shards
+    assert scale > 1e-3 and max_diff(r0["model_grad"], one["model_grad"]) < 1e-4 * scale
+    saved = torch.load(workdir / "out" / "sft_fsdp.pt", weights_only=False)
+    assert max_diff(saved["model"], r0["model"]) == 0
+
+
 RM_ARGS = ["--data", "data/rankings.jsonl", "--epochs", 1, "--lr", 1e-3, "--warmup_iters", 1, "--n_normalize", 4,
            "--max_new_tokens", 4, "--threads", 1]
 
@@ -119,6 +138,18 @@ def test_rm_two_processes_match_one_with_the_doubled_batch(workdir, tmp_path, on
     assert max_diff({k: r0["rm"][k] for k in shift}, one["rm"]) < 3 * 1e-3  # 3 steps of lr 1e-3
     sft = torch.load(workdir / "out" / "sft.pt", weights_only=False)["model"]
     assert max_diff(sft, {k[len("gpt."):]: v for k, v in one["rm"].items() if k.startswith("gpt.")}) > 1e-4
+
+
+def test_fsdp_rm_matches_one_process_with_the_doubled_batch(workdir, tmp_path, one_process):
+    run, (r0, r1) = torchrun(tmp_path, "train_rm", *RM_ARGS, "--batch_size", 4, "--fsdp", "--ckpt_interval", 0,
+                             "--micro_batch_size", 3, "--out", "out/rm_fsdp.pt", cwd=workdir)
+    assert_identical(r0["rm"], r1["rm"])  # normalised the same in both
+    one = one_process(load_script("train_rm"), *RM_ARGS, "--batch_size", 8, "--out", "out/rm1.pt", cwd=workdir)
+    shift = {"gpt.transformer.ln_f.bias", "head.bias"}  # as in the DDP test above
+    assert max_diff({k: v for k, v in r0["rm"].items() if k not in shift}, one["rm"]) < 1e-5
+    assert max_diff({k: r0["rm"][k] for k in shift}, one["rm"]) < 3 * 1e-3
+    saved = torch.load(workdir / "out" / "rm_fsdp.pt", weights_only=False)
+    assert max_diff(saved["model"], r0["rm"]) == 0 and "RM done" in run.stdout
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +204,22 @@ def position_policy(k=12):
     return model
 
 
-def test_ppo_losses_are_means_over_every_processs_tokens(workdir, tmp_path, one_process):
+PPO_MODES = {"ddp": [], "ddp-micro-batches": ["--micro_batch_size", 3],
+             # sharded, in micro-batches, checkpointed; rank 0 evaluates on the gathered policy
+             "fsdp": ["--fsdp", "--ckpt_interval", 0, "--micro_batch_size", 3, "--activation_checkpointing",
+                      "--eval_prompts", "data/prompts_eval.jsonl", "--eval_n", 4]}
+
+
+@pytest.mark.parametrize("mode", PPO_MODES)
+def test_ppo_losses_are_means_over_every_processs_tokens(workdir, tmp_path, one_process, mode):
     """Policy, value and PPO-ptx losses are means over the global batch's tokens, as SFT's and the RM's are (not
-    per-process means that DDP averages): 2 processes' gradients equal 1 process's with the doubled batch."""
+    per-process means that DDP averages): 2 processes' gradients equal 1 process's with the doubled batch, with
+    DDP, DDP in micro-batches (no_sync but for the last) and FSDP."""
     checkpoint.save(workdir / "out" / "sft_position.pt", position_policy(), kind="sft")
     args = ["--sft", "out/sft_position.pt", "--iters", 1, "--ppo_epochs", 1, "--max_new_tokens", 6, "--grad_clip", 0,
             "--eval_prompts", "", "--ptx_coef", 0.5, "--threads", 1]
     run, (r0, r1) = torchrun(tmp_path, "train_ppo", *args, "--batch_size", 4, "--minibatch_size", 4,
-                             "--out", "out/ppo_tokens2.pt", cwd=workdir)
+                             *PPO_MODES[mode], "--out", f"out/ppo_tokens2_{mode}.pt", cwd=workdir)
     one = one_process(load_script("train_ppo"), *args, "--batch_size", 8, "--minibatch_size", 8,
                       "--out", "out/ppo_tokens1.pt", cwd=workdir)
     # The batch train_ppo.py draws (its order shuffled by random.Random(seed)): the processes' halves hold
@@ -196,6 +235,11 @@ def test_ppo_losses_are_means_over_every_processs_tokens(workdir, tmp_path, one_
         assert scale > 1e-3 and max_diff(r0[key], one[key]) < 1e-4 * scale, key
     history = torch.load(workdir / "out" / "ppo_tokens1.pt", weights_only=False)["history"][0]
     assert history["no_eos"] == 0.0 and 1.0 < history["resp_len"] < 6.0 and history["approx_kl"] < 1e-9
+    if mode == "fsdp":
+        assert_identical(r0["policy"], r1["policy"])
+        saved = torch.load(workdir / "out" / "ppo_tokens2_fsdp.pt", weights_only=False)
+        assert max_diff(saved["model"], r0["policy"]) == 0 and max_diff(saved["value"], r0["value"]) == 0
+        assert "gold" in saved["history"][0]  # rank 0 evaluated
 
 
 def test_fewer_prompts_than_a_global_batch_are_refused(workdir, tmp_path):

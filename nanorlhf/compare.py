@@ -1,0 +1,240 @@
+"""One comparison of the ways to turn the same labels into a better policy, on the built-in task's gold score:
+best-of-N with the RM, PPO against the RM, and DPO on the RM's own rankings, each at several strengths of its
+pull towards the SFT model, drawn on one gold-vs-KL(pi || pi_SFT) frontier (as in DPO's paper, Figure 2).
+
+    python -m nanorlhf.compare                                    # after make demo: out/sft.pt, out/rm.pt, rankings
+    python -m nanorlhf.compare --ppo_betas 0.05,0.2 --dpo_betas 0.1,0.5 --out out/compare
+
+Each setting trains from the same SFT model (PPO with the same RM, DPO on the same rankings the RM learned from), as a
+subprocess of its own script (`train_ppo.py --adaptive_kl false --init_kl_coef beta`, `train_dpo.py --beta beta`),
+and every policy is evaluated the same way: one sample per held-out prompt, its mean gold score ± s.e., its mean
+RM score (a response without <|endoftext|> scores no_eos_penalty, as in PPO), and KL(pi || pi_SFT) as the mean over
+the samples of sum_t log pi(y_t) - log pi_SFT(y_t). Best-of-N samples N from SFT per prompt; its KL is
+log N - (N - 1) / N (nanorlhf/overopt.py). Wall time and tokens sampled are each method's own: a training run's
+(its rollouts' prompt and response tokens), or best-of-N's N samples per prompt.
+
+Writes OUT/frontier.png, OUT/table.md (every point, and each method at its best gold) and each run's checkpoint.
+"""
+
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanorlhf import checkpoint, cpu, tasks
+from nanorlhf.config import UserError, at_least, check_writable, positive, run, seed_range
+from nanorlhf.data import load_prompts
+from nanorlhf.evaluate import gold, mean_stderr
+from nanorlhf.metrics import read_metrics
+from nanorlhf.model import GPT, ScalarModel
+from nanorlhf.overopt import bon_kl, best_of_n
+from nanorlhf.reward import score_texts
+from nanorlhf.rollout import as_response, rollouts
+from nanorlhf.tokenizer import encode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Config:
+    """Best-of-N, PPO and DPO from one SFT model and one set of labels, on one gold-vs-KL frontier."""
+
+    sft: str = "out/sft.pt"
+    """SFT checkpoint: every method's start and reference"""
+    rm: str = "out/rm.pt"
+    """reward model: best-of-N's ranker, PPO's reward, and every policy's RM score"""
+    rankings: str = "out/rankings_train.jsonl"
+    """the labels the RM learned from: DPO's training pairs"""
+    prompts: str = "data/prompts_eval.jsonl"
+    """held-out prompts of the built-in task"""
+    n: int = 500
+    """held-out prompts evaluated per policy"""
+    bon: str = "1,4,16,64"
+    """best-of-N: the values of N"""
+    ppo_betas: str = "0.05,0.2"
+    """PPO: KL coefficients (fixed, not adapted), one run each ("" = no PPO)"""
+    dpo_betas: str = "0.1,0.5"
+    """DPO: betas, one run each ("" = no DPO)"""
+    ppo_args: str = ""
+    """more flags for every train_ppo.py run, as a shell would split them, e.g. "--iters 100" """
+    dpo_args: str = ""
+    """more flags for every train_dpo.py run"""
+    max_new_tokens: int = 16
+    """longest sampled response"""
+    temperature: float = 1.0
+    """sampling temperature of every policy"""
+    no_eos_penalty: float = -5.0
+    """RM score of a response without <|endoftext|>"""
+    out: str = "out/compare"
+    """folder of the runs, the table and the plot"""
+    seed: int = 1234
+    """evaluation sampling seed"""
+
+    def __post_init__(self):  # ranges of the flags, checked whenever a Config is made (nanorlhf/config.py)
+        at_least(self, 1, "n", "max_new_tokens")
+        positive(self, "temperature")
+        seed_range(self)
+        for name in ("bon", "ppo_betas", "dpo_betas"):
+            numbers(self, name)
+
+
+def numbers(cfg, name):
+    """The comma-separated numbers of a field, checked: N >= 1 for bon, beta > 0 for the others."""
+    text = getattr(cfg, name)
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--{name} must be comma-separated numbers, got {text!r}") from None
+    if name == "bon" and not all(v >= 1 and v == int(v) for v in values):
+        raise UserError(f"--{name} must be whole numbers >= 1, got {text!r}")
+    if name != "bon" and not all(v > 0 and math.isfinite(v) for v in values):
+        raise UserError(f"--{name} must be numbers > 0, got {text!r}")
+    return [int(v) for v in values] if name == "bon" else values
+
+
+def load_gpt(path, made_by, kind):
+    """A GPT checkpoint's policy, in eval mode."""
+    ckpt = checkpoint.load(path, made_by=made_by, kind=kind)
+    model = GPT(checkpoint.model_config(ckpt))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def evaluate_policy(cfg, policy, sft, rm, prompts, device):
+    """One sample per prompt: gold mean and s.e., RM score, KL to SFT (nats per response)."""
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    samples = rollouts(policy, prompts, cfg.max_new_tokens, cfg.temperature, generator=g, ref=sft)
+    scores = score_texts(rm, prompts, [as_response(t, e) for t, e, _ in samples]).tolist()
+    rm_scores = [s if e else cfg.no_eos_penalty for s, (_, e, _) in zip(scores, samples)]
+    m, se = mean_stderr([gold(p, t, e) for p, (t, e, _) in zip(prompts, samples)])
+    return dict(gold=m, gold_se=se, rm=sum(rm_scores) / len(rm_scores), kl=sum(k for *_, k in samples) / len(samples))
+
+
+def best_of_n_points(cfg, sft, rm, prompts, device):
+    """Best-of-N for each N of --bon, from max(N) SFT samples per prompt (unbiased over all N-subsets)."""
+    ns = numbers(cfg, "bon")
+    t0 = time.time()
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    flat = [p for p in prompts for _ in range(max(ns))]
+    samples = rollouts(sft, flat, cfg.max_new_tokens, cfg.temperature, batch_size=128, generator=g)
+    scores = score_texts(rm, flat, [as_response(t, e) for t, e, _ in samples]).tolist()
+    proxy = torch.tensor([s if e else cfg.no_eos_penalty for s, (_, e, _) in zip(scores, samples)])
+    golds = torch.tensor([gold(p, t, e) for p, (t, e, _) in zip(flat, samples)])
+    proxy, golds = proxy.view(len(prompts), -1), golds.view(len(prompts), -1)  # (P, N) each
+    wall = time.time() - t0
+    tokens = sum(len(encode(p)) + len(encode(t)) + e for p, (t, e, _) in zip(flat, samples))  # prompt + response
+    rows = []
+    for n in ns:
+        # s.e. of best-of-n's gold: the per-prompt expected values' spread over prompts
+        per_prompt = [best_of_n(proxy[i:i + 1], golds[i:i + 1], n) for i in range(len(prompts))]
+        m, se = mean_stderr(per_prompt)
+        rows.append(dict(method="best-of-N", setting=f"N = {n}", gold=m, gold_se=se,
+                         rm=best_of_n(proxy, proxy, n), kl=bon_kl(n), wall_s=wall * n / max(ns),
+                         tokens=tokens * n / max(ns)))
+    return rows
+
+
+def train(script, args, out):
+    """Run a training script; its wall time and, for PPO, the tokens its rollouts sampled."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args), "--out", str(out)]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if r.returncode != 0:
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
+        raise UserError(f"{script} {' '.join(map(str, args))} failed: {last}")
+    wall = time.time() - t0
+    records = read_metrics(Path(out).with_suffix(""))
+    tokens = sum(x["tokens_per_s"] * x["time_s"] for x in records if "tokens_per_s" in x) or None
+    return wall, tokens
+
+
+def table(rows):
+    """Markdown rows of the comparison, a header first."""
+    lines = ["| method | setting | gold (mean ± s.e.) | RM score | KL (nats) | wall time (s) | tokens sampled |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tokens = "" if r["tokens"] is None else f"{r['tokens']:,.0f}"
+        lines.append(f"| {r['method']} | {r['setting']} | {r['gold']:.3f} ± {r['gold_se']:.3f} | {r['rm']:+.3f} | "
+                     f"{r['kl']:.2f} | {r['wall_s']:.0f} | {tokens} |")
+    return lines
+
+
+def draw(path, rows):
+    """Gold against KL, one line per method through its settings, s.e. bars."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install matplotlib): no PNG, the table only")
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for k, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        pts = sorted((r["kl"], r["gold"], r["gold_se"]) for r in rows if r["method"] == method)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", color=f"C{k}",
+                    label=method, capsize=3)
+    ax.set_xlabel("KL(π ‖ π_SFT), nats per response")
+    ax.set_ylabel("held-out gold score")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Gold reached per nat of KL from SFT")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(cfg: Config):
+    out = Path(cfg.out)
+    check_writable(out, "--out", directory=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cpu.keep_freed_memory(device)
+    prompts = [p for p in load_prompts(cfg.prompts) if tasks.is_task_prompt(p)][:cfg.n]
+    if not prompts:
+        raise UserError(f"{cfg.prompts}: no prompt of the built-in task (the gold score exists only for those)")
+    sft = load_gpt(cfg.sft, "train_sft.py", "sft").to(device)
+    rm_ckpt = checkpoint.load(cfg.rm, made_by="train_rm.py", kind="rm")
+    rm = ScalarModel(checkpoint.model_config(rm_ckpt)).to(device).eval()
+    rm.load_state_dict(rm_ckpt["model"])
+    out.mkdir(parents=True, exist_ok=True)
+
+    rows = best_of_n_points(cfg, sft, rm, prompts, device)
+    runs = [("PPO", "train_ppo.py", "ppo", beta, ["--sft", cfg.sft, "--rm", cfg.rm, "--adaptive_kl", "false",
+                                                   "--init_kl_coef", beta, *shlex.split(cfg.ppo_args)])
+            for beta in numbers(cfg, "ppo_betas")]
+    runs += [("DPO", "train_dpo.py", "dpo", beta, ["--sft", cfg.sft, "--data", cfg.rankings, "--beta", beta,
+                                                    *shlex.split(cfg.dpo_args)])
+             for beta in numbers(cfg, "dpo_betas")]
+    for method, script, kind, beta, args in runs:
+        path = out / f"{kind}_beta{beta:g}.pt"
+        print(f"{method}, beta {beta:g}: training ({script})", flush=True)
+        wall, tokens = train(script, args, path)
+        policy = load_gpt(path, script, kind).to(device)
+        rows.append(dict(method=method, setting=f"β = {beta:g}", wall_s=wall, tokens=tokens,
+                         **evaluate_policy(cfg, policy, sft, rm, prompts, device)))
+        print("\n".join(table(rows[-1:])[2:]), flush=True)
+
+    best = {}
+    for r in rows:
+        if r["method"] not in best or r["gold"] > best[r["method"]]["gold"]:
+            best[r["method"]] = r
+    text = "\n".join([f"Every method from {cfg.sft} on {len(prompts)} held-out prompts, one sample each "
+                      f"(best-of-N: N samples); KL(π ‖ π_SFT) in nats per response.", "", "All points:", "",
+                      *table(rows), "", "Each method at its best gold:", "", *table(best.values())])
+    (out / "table.md").write_text(text + "\n")
+    (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
+    png = draw(out / "frontier.png", rows)
+    print(text)
+    print(f"wrote {out / 'table.md'}" + (f" and {png}" if png else ""))
+
+
+if __name__ == "__main__":
+    run(main, Config)

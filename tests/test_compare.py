@@ -1,0 +1,37 @@
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, run
+from nanorlhf import checkpoint, compare
+from nanorlhf.config import UserError
+from nanorlhf.data import write_jsonl
+from nanorlhf.model import ScalarModel
+
+
+def test_settings_are_checked():
+    assert compare.numbers(compare.Config(bon="1,4"), "bon") == [1, 4]
+    for field, bad in (("bon", "0"), ("bon", "2.5"), ("ppo_betas", "-1"), ("dpo_betas", "a")):
+        with pytest.raises(UserError, match=f"--{field} must be"):
+            compare.Config(**{field: bad})
+
+
+def test_compare_end_to_end(workdir, tmp_path):
+    torch.manual_seed(3)
+    checkpoint.save(tmp_path / "rm.pt", ScalarModel(TINY), kind="rm")
+    write_jsonl(tmp_path / "rankings.jsonl", [{"prompt": f"Sort: {a} {b}\nAnswer:",
+                                               "responses": [f" {min(a, b)} {max(a, b)}", f" {a}", f" {b} {b}"]}
+                                              for a, b in ((3, 1), (2, 5), (7, 4), (9, 0))])
+    r = run("nanorlhf.compare", "--rm", tmp_path / "rm.pt", "--rankings", tmp_path / "rankings.jsonl", "--n", 6,
+            "--bon", "1,2,4", "--ppo_betas", "0.1", "--dpo_betas", "0.1", "--max_new_tokens", 4,
+            "--ppo_args", "--iters 1 --batch_size 4 --minibatch_size 2 --eval_n 0",
+            "--dpo_args", "--batch_size 4 --eval_n 0 --eval_data ''", "--out", tmp_path / "cmp", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads((tmp_path / "cmp" / "table.json").read_text())
+    assert [(x["method"], x["setting"]) for x in rows] == [("best-of-N", "N = 1"), ("best-of-N", "N = 2"),
+                                                            ("best-of-N", "N = 4"), ("PPO", "β = 0.1"),
+                                                            ("DPO", "β = 0.1")]
+    assert rows[0]["kl"] == 0.0 and rows[3]["tokens"] > 0 and all(x["wall_s"] > 0 for x in rows)
+    assert "Each method at its best gold" in (tmp_path / "cmp" / "table.md").read_text()
+    assert (tmp_path / "cmp" / "frontier.png").stat().st_size > 0
