@@ -1,10 +1,11 @@
 # `make demo`: set up what is missing, then run the pipeline on the built-in task.
 # `make test`: set up what is missing, then run the tests.
 # `make bench`: set up what is missing, then the kernel benchmarks (on CPU: small sizes) and the PPO speed workload.
+# `make rehearse`: the pipeline at GPT-2 124M's real size with random weights, offline; writes results/rehearsal.md.
 PY ?= python3
 STAMP := .setup-done
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench rehearse clean
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
@@ -30,6 +31,9 @@ bench: setup
 	$(PY) -m bench.attention
 	$(PY) -m bench.logprobs
 	$(PY) -m bench.ppo
+
+rehearse: setup
+	$(PY) -m nanorlhf.rehearse
 
 clean:
 	rm -rf out data $(STAMP)
