@@ -20,6 +20,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from nanorlhf import checkpoint, tasks  # noqa: E402  (after TRITON_INTERPRET: the package imports the kernels)
 from nanorlhf.model import GPT, GPTConfig  # noqa: E402
+from nanorlhf.tokenizer import EOT  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(block_size=48, n_layer=1, n_head=2, n_embd=16)  # a GPT that trains in milliseconds
@@ -62,3 +63,25 @@ def workdir(tmp_path_factory):
     torch.manual_seed(0)
     checkpoint.save(d / "out" / "sft.pt", GPT(TINY), kind="sft")
     return d
+
+
+def position_policy(k=12):
+    """A GPT(TINY) whose next token hangs on the position alone, with probability 1 - 1e-9: " 1" after positions
+    up to k, then <|endoftext|>. Its rollouts are the same whatever the random stream or the order its numbers are
+    drawn in: one process with the whole batch, two with half each, or micro-batches roll out the same responses (of
+    lengths that differ with the prompt's, as long as the prompt is short: k + 2 - its length)."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
+    hadamard = torch.kron(torch.kron(h2, h2), torch.kron(h2, h2))  # 16 x 16, orthogonal rows of +-1
+    one, end = hadamard[1], hadamard[2]  # zero mean: LayerNorm keeps them as they are
+    with torch.no_grad():
+        for block in model.transformer.h:  # the blocks add nothing: the state is token + position embedding
+            for layer in (block.attn.c_proj, block.mlp.c_proj):
+                layer.weight.zero_(), layer.bias.zero_()
+        model.transformer.wte.weight[352] = one  # " 1"
+        model.transformer.wte.weight[EOT] = end
+        position = torch.arange(TINY.block_size)[:, None]
+        model.transformer.wpe.weight.copy_(10 * torch.where(position < k, one, end))  # dwarfs the token's
+        model.transformer.ln_f.weight.fill_(2.0)  # logits 32 for the chosen token, |logit| < 1 for the others
+    return model

@@ -18,14 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY, load_script
+from conftest import ROOT, TINY, load_script, position_policy
 from nanorlhf import checkpoint, dist, ops, ppo, tasks
 from nanorlhf.config import UserError, parse_args
 from nanorlhf.data import load_prompts
 from nanorlhf.model import GPT, GPTConfig, ScalarModel
 from nanorlhf.rollout import generate, response_logprobs, response_mask
 from nanorlhf.sft import make_batch, sft_loss
-from nanorlhf.tokenizer import EOT, encode
+from nanorlhf.tokenizer import encode
 
 WORKER = ROOT / "tests" / "dist_worker.py"
 
@@ -183,25 +183,6 @@ def test_whitening_over_processes_is_whitening_of_the_whole_batch(ppo_run):
     assert r0["floats"] == r1["floats"] == [0.5, 1.0]
 
 
-def position_policy(k=12):
-    """A GPT(TINY) whose next token hangs on the position alone, with probability 1 - 1e-9: " 1" after positions
-    up to k, then <|endoftext|>. Its rollouts are the same whatever the random stream, and as long as the prompt is
-    short (k + 2 - its length): one process with the whole batch and two with half each roll out the same ones."""
-    torch.manual_seed(0)
-    model = GPT(TINY)
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
-    hadamard = torch.kron(torch.kron(h2, h2), torch.kron(h2, h2))  # 16 x 16, orthogonal rows of +-1
-    one, end = hadamard[1], hadamard[2]  # zero mean: LayerNorm keeps them as they are
-    with torch.no_grad():
-        for block in model.transformer.h:  # the blocks add nothing: the state is token + position embedding
-            for layer in (block.attn.c_proj, block.mlp.c_proj):
-                layer.weight.zero_(), layer.bias.zero_()
-        model.transformer.wte.weight[352] = one  # " 1"
-        model.transformer.wte.weight[EOT] = end
-        position = torch.arange(TINY.block_size)[:, None]
-        model.transformer.wpe.weight.copy_(10 * torch.where(position < k, one, end))  # dwarfs the token's
-        model.transformer.ln_f.weight.fill_(2.0)  # logits 32 for the chosen token, |logit| < 1 for the others
-    return model
 
 
 PPO_MODES = {"ddp": [], "ddp-micro-batches": ["--micro_batch_size", 3],

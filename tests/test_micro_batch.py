@@ -11,14 +11,13 @@ import random
 import pytest
 import torch
 
-from conftest import TINY, load_script
+from conftest import TINY, load_script, position_policy
 from nanorlhf import checkpoint, dist
 from nanorlhf.checkpoint import memory_estimate, param_count
 from nanorlhf.config import UserError, parse_args
 from nanorlhf.model import GPT, GPTConfig, ScalarModel
 from nanorlhf.rollout import generate, merge_rollouts
 from nanorlhf.sft import make_batch, sft_loss
-from nanorlhf.tokenizer import EOT
 
 
 @pytest.fixture
@@ -94,25 +93,6 @@ def test_rm_micro_batches_give_the_whole_batchs_gradient(workdir, rankings, tmp_
     assert_close_grads(whole["rm_grad"], parts["rm_grad"])
 
 
-def position_policy(k=12):
-    """A GPT(TINY) whose next token hangs on the position alone, with probability 1 - 1e-9: " 1" after positions
-    up to k, then <|endoftext|>. Its rollouts are the same whatever order the random numbers are drawn in, so the
-    whole batch and its micro-batches roll out the same responses (of lengths that differ with the prompt's)."""
-    torch.manual_seed(0)
-    model = GPT(TINY)
-    h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]])
-    hadamard = torch.kron(torch.kron(h2, h2), torch.kron(h2, h2))  # 16 x 16, orthogonal rows of +-1
-    one, end = hadamard[1], hadamard[2]  # zero mean: LayerNorm keeps them as they are
-    with torch.no_grad():
-        for block in model.transformer.h:  # the blocks add nothing: the state is token + position embedding
-            for layer in (block.attn.c_proj, block.mlp.c_proj):
-                layer.weight.zero_(), layer.bias.zero_()
-        model.transformer.wte.weight[352] = one  # " 1"
-        model.transformer.wte.weight[EOT] = end
-        position = torch.arange(TINY.block_size)[:, None]
-        model.transformer.wpe.weight.copy_(10 * torch.where(position < k, one, end))  # dwarfs the token's
-        model.transformer.ln_f.weight.fill_(2.0)  # logits 32 for the chosen token, |logit| < 1 for the others
-    return model
 
 
 @pytest.mark.parametrize("ptx_coef", [0.0, 0.5])
