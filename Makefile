@@ -2,6 +2,8 @@
 # `make test`: set up what is missing, then run the tests.
 # `make bench`: set up what is missing, then the kernel benchmarks (on CPU: small sizes) and the PPO speed workload.
 # `make rehearse`: the pipeline at GPT-2 124M's real size with random weights, offline; writes results/rehearsal.md.
+# `make compile`: compile every kernel for A100 and H100 on the CPU; registers, spills, shared memory to results/.
+# `make gpu`: on a machine with one GPU, tests, kernel benchmarks, PPO and the demo into results/gpu.md (< 8 min).
 PY ?= python3
 STAMP := .setup-done
 
@@ -34,6 +36,14 @@ bench: setup
 
 rehearse: setup
 	$(PY) -m nanorlhf.rehearse
+
+.PHONY: compile gpu
+compile: setup
+	$(PY) -m bench.compile --check --write
+
+# no `setup`: a lent GPU machine may have no network; bench/gpu.py installs what it lacks from .whl/
+gpu:
+	$(PY) -m bench.gpu --write
 
 clean:
 	rm -rf out data $(STAMP)

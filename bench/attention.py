@@ -288,6 +288,8 @@ def main(argv=None):
     ap.add_argument("--batches", help="decode batch sizes")
     ap.add_argument("--cache-lens", help="decode cache lengths")
     ap.add_argument("--dtype", choices=tuple(DTYPES), help="of the timed tensors (default bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--cases", help="GPU: comma list of the timed shapes, of "
+                    + ",".join(c[0] for c in GPU_CASES) + " (default all)")
     args = ap.parse_args(argv)
     dev = common.prepare(args)
     for key, value in defaults(dev, args.tiny).items():
@@ -320,6 +322,11 @@ def main(argv=None):
         for line in common.rate_lines(dev, peak_tflops, peak_gbs):
             report(line)
     cases = GPU_CASES if on_gpu and not args.tiny else CPU_CASES
+    if args.cases and on_gpu and not args.tiny:
+        wanted = args.cases.split(",")
+        if set(wanted) - {c[0] for c in GPU_CASES}:
+            ap.error("--cases takes " + ",".join(c[0] for c in GPU_CASES))
+        cases = tuple(c for c in GPU_CASES if c[0] in wanted)
     if "train" in parts:
         report(f"\n## Training shapes (causal, {args.dtype})\n")
         report(f"FLOPs: 4 B H T^2 D / 2 forward (causal), x2.5 backward, x3.5 both. ms: "

@@ -20,6 +20,7 @@ Without a GPU (default parts validate,seam): the same bf16 check on tiny shapes 
 `--parts logits,fused` on CPU times the interpreter: a check that the harness runs, not a measurement.
 """
 
+import importlib.util
 import statistics
 
 import torch
@@ -71,6 +72,21 @@ def eager_fused(h, w, y):
 
 def ours_fused(h, w, y):
     return (L.fused_logprobs(h, w, y).logp,)
+
+
+def liger_fused(h, w, y):
+    """Liger-Kernel's fused linear cross-entropy, per token (reduction none): -log pi(y), so the same logp."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # noqa: PLC0415
+    return (-LigerFusedLinearCrossEntropyLoss(reduction="none")(w, h, y),)
+
+
+def cce_fused(h, w, y):
+    """Apple's Cut Cross-Entropy (linear_cross_entropy, reduction none): -log pi(y)."""
+    from cut_cross_entropy import linear_cross_entropy  # noqa: PLC0415
+    return (-linear_cross_entropy(h, w, y, reduction="none"),)
+
+
+FUSED_IMPLS = {"eager": eager_fused, "compile": None, "ours": ours_fused, "liger": liger_fused, "cce": cce_fused}
 
 
 def naive_head(h, w, y, with_entropy):
@@ -227,9 +243,11 @@ def time_logits(dev, ops_, Ns, Vs, compiled, reps, bw, report):
                 del z, zr
 
 
-def time_fused(dev, Ns, Vs, Ds, compiled, reps, mm_rate, report):
+def time_fused(dev, Ns, Vs, Ds, compiled, reps, mm_rate, report, names=("eager", "compile", "ours")):
     report.header("N", "V", "d", "impl", "fwd ms", "bwd ms", "fwd+bwd ms", "fwd TFLOP/s (% mm)",
                   "bwd TFLOP/s (% mm)", "fwd+bwd TFLOP/s (% mm)", "peak MB", "peak / eager", "x eager", "x compile")
+    missing = [n for n, mod in (("liger", "liger_kernel"), ("cce", "cut_cross_entropy"))
+               if n in names and importlib.util.find_spec(mod) is None]
     for V in Vs:
         for d in Ds:
             for N in Ns:
@@ -237,10 +255,8 @@ def time_fused(dev, Ns, Vs, Ds, compiled, reps, mm_rate, report):
                 h = torch.randn(N, d, generator=gen).to(dev, torch.bfloat16).requires_grad_()  # (N, d)
                 w = (torch.randn(V, d, generator=gen) * d**-0.5).to(dev, torch.bfloat16).requires_grad_()  # (V, d)
                 y = torch.randint(0, V, (N,), generator=gen).to(dev)
-                impls = [("eager", eager_fused)]
-                if compiled:
-                    impls.append(("compile", torch.compile(eager_fused)))
-                impls.append(("ours", ours_fused))
+                impls = [(n, torch.compile(eager_fused) if n == "compile" else FUSED_IMPLS[n]) for n in names
+                         if (n != "compile" or compiled) and n not in missing]
                 res = {name: measure(fn, (h, w, y), [h, w], dev, reps) for name, fn in impls}
                 flops = {"fwd": 2 * N * V * d, "bwd": 4 * N * V * d, "both": 6 * N * V * d}  # useful flops
 
@@ -324,6 +340,8 @@ def main(argv=None):
     ap.add_argument("--d", help="comma list of widths d (fused; the seam table takes the first)")
     ap.add_argument("--ops", default=",".join(OPS), help="from-logits ops to time")
     ap.add_argument("--impls", help=f"seam table, the first is the baseline; of {','.join(SEAM_IMPLS)}")
+    ap.add_argument("--fused-impls", default="eager,compile,ours",
+                    help="fused table's contenders, of " + ",".join(FUSED_IMPLS) + " (liger, cce: when installed)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines (GPU)")
     ap.add_argument("--compile", action="store_true", help="CPU: include torch.compile in logits / fused (slow)")
     args = ap.parse_args(argv)
@@ -379,7 +397,15 @@ def main(argv=None):
         report("TFLOP/s counts the useful flops 2NVd (fwd), 4NVd (bwd), 6NVd (fwd+bwd); ours does 8NVd in fwd+bwd "
                "(the backward recomputes the logits). % mm = fraction of the measured bf16 matmul rate. Peak = memory "
                "allocated by one fwd+bwd beyond its inputs.\n")
-        time_fused(dev, Ns, Vs, Ds, compiled, args.reps, mm_rate, report)
+        fused = args.fused_impls.split(",")
+        if set(fused) - set(FUSED_IMPLS):
+            ap.error("--fused-impls takes " + ",".join(FUSED_IMPLS))
+        time_fused(dev, Ns, Vs, Ds, compiled, args.reps, mm_rate, report, fused)
+        gone = [n for n, mod in (("liger", "liger_kernel"), ("cce", "cut_cross_entropy"))
+                if n in fused and importlib.util.find_spec(mod) is None]
+        if gone:
+            report(f"\n{', '.join(gone)}: not installed here, so not in the table (bench/gpu.py installs them from "
+                   "wheels).")
         if on_gpu:
             report("\nTargets (H100/H200): ours peak <= 10 % of eager's, >= 60 % of the measured matmul rate.")
     if "seam" in parts:

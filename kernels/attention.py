@@ -119,19 +119,24 @@ def _attend_blocks(acc, m_i, l_i, q, qpos, start, lo, hi,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_n = lo + tl.arange(0, BLOCK_N)  # key positions j of the current block
-    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
-    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+    # Tile offsets fixed for the whole loop and one scalar pointer per tensor that moves by a block, rather than a
+    # loop-carried (BLOCK_N, BLOCK_D) tensor of 64-bit pointers (compiled for sm_80, 64 x 64 bf16 tiles: 200 -> 151
+    # registers; bench/compile.py).
+    k_off = tl.arange(0, BLOCK_N)[:, None] * stride_kt + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
+    v_off = tl.arange(0, BLOCK_N)[:, None] * stride_vt + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+    k_blk = k_base + lo * stride_kt
+    v_blk = v_base + lo * stride_vt
     for _ in range(lo, hi, BLOCK_N):
         if MASKED:  # this block may run past Tk: those rows read as 0
             kv_ok = (offs_n < Tk)[:, None] & d_ok[None, :]
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+            k = tl.load(k_blk + k_off, mask=kv_ok, other=0.0)
+            v = tl.load(v_blk + v_off, mask=kv_ok, other=0.0)
         elif CHECK_D:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            k = tl.load(k_blk + k_off, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_blk + v_off, mask=d_ok[None, :], other=0.0)
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            k = tl.load(k_blk + k_off)
+            v = tl.load(v_blk + v_off)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -149,8 +154,8 @@ def _attend_blocks(acc, m_i, l_i, q, qpos, start, lo, hi,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)  # A' = exp(m - m') A + P V
         m_i = m_new
         offs_n += BLOCK_N
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        k_blk += BLOCK_N * stride_kt
+        v_blk += BLOCK_N * stride_vt
     return acc, m_i, l_i
 
 
@@ -253,15 +258,17 @@ def _dkdv_blocks(dk, dv, k, v, offs_n, lo, hi, shift,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_m = lo + tl.arange(0, BLOCK_M)  # query rows i of the current block
-    q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd  # (BLOCK_M, BLOCK_D)
-    do_ptrs = do_base + offs_m[:, None] * stride_dt + offs_d[None, :] * stride_dd  # (BLOCK_M, BLOCK_D)
+    q_off = tl.arange(0, BLOCK_M)[:, None] * stride_qt + offs_d[None, :] * stride_qd  # (BLOCK_M, BLOCK_D)
+    do_off = tl.arange(0, BLOCK_M)[:, None] * stride_dt + offs_d[None, :] * stride_dd  # (BLOCK_M, BLOCK_D)
+    q_blk = q_base + lo * stride_qt  # as in `_attend_blocks`: fixed offsets, moving scalar pointers
+    do_blk = do_base + lo * stride_dt
     for _ in range(lo, hi, BLOCK_M):
         m_ok = offs_m < Tq  # the last query block may run past Tq (masked or not)
         tile_ok = m_ok[:, None]
         if CHECK_D:
             tile_ok = tile_ok & d_ok[None, :]
-        q = tl.load(q_ptrs, mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(do_ptrs, mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+        q = tl.load(q_blk + q_off, mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
+        do = tl.load(do_blk + do_off, mask=tile_ok, other=0.0)  # (BLOCK_M, BLOCK_D)
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -277,8 +284,8 @@ def _dkdv_blocks(dk, dv, k, v, offs_n, lo, hi, shift,
         ds_t = p_t * (dp_t - delta[None, :])  # dS^T = P^T o (dP^T - Delta)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)  # dK += dS^T Q   (scale applied at the end)
         offs_m += BLOCK_M
-        q_ptrs += BLOCK_M * stride_qt
-        do_ptrs += BLOCK_M * stride_dt
+        q_blk += BLOCK_M * stride_qt
+        do_blk += BLOCK_M * stride_dt
     return dk, dv
 
 
@@ -347,19 +354,21 @@ def _dq_blocks(dq, q, do, lse2, delta, qpos, start, lo, hi,
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     offs_n = lo + tl.arange(0, BLOCK_N)
-    k_ptrs = k_base + offs_n[:, None] * stride_kt + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
-    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+    k_off = tl.arange(0, BLOCK_N)[:, None] * stride_kt + offs_d[None, :] * stride_kd  # (BLOCK_N, BLOCK_D)
+    v_off = tl.arange(0, BLOCK_N)[:, None] * stride_vt + offs_d[None, :] * stride_vd  # (BLOCK_N, BLOCK_D)
+    k_blk = k_base + lo * stride_kt  # as in `_attend_blocks`: fixed offsets, moving scalar pointers
+    v_blk = v_base + lo * stride_vt
     for _ in range(lo, hi, BLOCK_N):
         if MASKED:
             kv_ok = (offs_n < Tk)[:, None] & d_ok[None, :]
-            k = tl.load(k_ptrs, mask=kv_ok, other=0.0)
-            v = tl.load(v_ptrs, mask=kv_ok, other=0.0)
+            k = tl.load(k_blk + k_off, mask=kv_ok, other=0.0)
+            v = tl.load(v_blk + v_off, mask=kv_ok, other=0.0)
         elif CHECK_D:
-            k = tl.load(k_ptrs, mask=d_ok[None, :], other=0.0)
-            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+            k = tl.load(k_blk + k_off, mask=d_ok[None, :], other=0.0)
+            v = tl.load(v_blk + v_off, mask=d_ok[None, :], other=0.0)
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            k = tl.load(k_blk + k_off)
+            v = tl.load(v_blk + v_off)
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -372,8 +381,8 @@ def _dq_blocks(dq, q, do, lse2, delta, qpos, start, lo, hi,
         ds = p * (dp - delta[:, None])  # dS = P o (dP - Delta)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)  # dQ += dS K   (scale applied at the end)
         offs_n += BLOCK_N
-        k_ptrs += BLOCK_N * stride_kt
-        v_ptrs += BLOCK_N * stride_vt
+        k_blk += BLOCK_N * stride_kt
+        v_blk += BLOCK_N * stride_vt
     return dq
 
 
@@ -512,43 +521,82 @@ def _block_d(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# Without a GPU to ask (none at import, none in CI), the configs below were picked from what Triton's compiler reports
+# for A100 (sm_80) and H100/H200 (sm_90) on a CPU: `python -m bench.compile --sweep fwd` (dkdv, dq, decode; and
+# fwd-fp32, ...) compiles a grid of candidates per dtype and padded head dim BLOCK_D and applies one rule
+# (bench/compile.py `picks`): no spill and at most 240 registers per thread on both targets (15 under the cap, room for
+# another Triton version's code), then the largest block a program holds (the other is streamed past it, one load per
+# held block), then the largest streamed block, then the most resident warps per SM (registers and shared memory
+# decide occupancy), then the most pipeline stages. The comments give registers (sm_80-sm_90 range over the head dims
+# of the row) and resident warps per SM on the worse target; results/compile.md has every launch's numbers.
+# fp16 and bf16 share a row; BLOCK_D = 16 takes the 32 row. The 4-warp 128 x 64 tiles used before reached the
+# 255-register cap and spilled (bf16 forward: sm_80 at head dim 64, both targets at 128); 8 warps halve each
+# thread's share of the score and output tiles.
+#                 BLOCK_D: (BLOCK_M, BLOCK_N, num_warps, num_stages)
+_FWD = {"16-bit": {32: (128, 64, 8, 3),  # 126-128 registers, 16 warps/SM
+                   64: (128, 64, 8, 3),  # 155-183, 8
+                   128: (128, 32, 8, 3),  # 196-222, 8
+                   256: (64, 16, 8, 3)},  # 182-217, 8
+        "fp32": {32: (64, 32, 8, 1),  # 76-80, 24   (fp32 dots run on the FMA units from registers: small tiles)
+                 64: (64, 32, 8, 2),  # 96-104, 16
+                 128: (32, 16, 8, 2),  # 77-79, 24
+                 256: (32, 16, 8, 2)}}  # 112-128, 16
+_DKDV = {"16-bit": {32: (64, 128, 8, 2),  # 162-232, 8   (BLOCK_N keys held, BLOCK_M queries streamed)
+                    64: (32, 128, 8, 3),  # 182-191, 8
+                    128: (32, 64, 8, 3),  # 202-232, 8
+                    256: (32, 32, 8, 3)},  # 182-207, 8
+         "fp32": {32: (32, 64, 8, 2),  # 112-122, 16
+                  64: (16, 64, 8, 2),  # 102-128, 16
+                  128: (16, 64, 8, 2),  # 163-186, 8
+                  256: (16, 32, 8, 2)}}  # 178-182, 8
+_DQ = {"16-bit": {32: (128, 64, 8, 3),  # 178-191, 8   (BLOCK_M queries held, BLOCK_N keys streamed)
+                  64: (128, 64, 8, 3),  # 180-198, 8
+                  128: (128, 32, 8, 3),  # 200-221, 8
+                  256: (32, 32, 4, 2)},  # 178-240, 8
+       "fp32": {32: (64, 32, 8, 2),  # 80-94, 16
+                64: (64, 32, 8, 2),  # 92-124, 16
+                128: (32, 16, 8, 1),  # 76-78, 24
+                256: (32, 16, 8, 2)}}  # 128-147, 8
+_DECODE = {"16-bit": {32: (128, 8, 2),  # 70-80, 24   BLOCK_D: (BLOCK_N, num_warps, num_stages)
+                      64: (128, 8, 3),  # 94-96, 16
+                      128: (128, 8, 3),  # 171-178, 8
+                      256: (128, 8, 2)},  # 174-182, 8
+           "fp32": {32: (64, 8, 2),  # 54-71, 24
+                    64: (64, 8, 2),  # 62-70, 24
+                    128: (64, 8, 2),  # 102-128, 16
+                    256: (32, 8, 1)}}  # 106-112, 16
+
+
+def _row(table, head_dim, dtype):
+    return table["fp32" if dtype == torch.float32 else "16-bit"][max(32, _block_d(head_dim))]
+
+
 def fwd_config(head_dim, dtype):
-    """Block sizes for the forward: BLOCK_M queries per program, BLOCK_N keys per step."""
-    if INTERPRETED:  # small, unequal blocks: tests with T ~ 100 cross several of each
+    """Block sizes for the forward: BLOCK_M queries per program, BLOCK_N keys per step (see _FWD for how they were
+    picked). Under the interpreter one small config of unequal blocks, so that tests with T ~ 100 cross several."""
+    if INTERPRETED:
         return dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
-    bd = _block_d(head_dim)
-    if dtype == torch.float32:  # twice the bytes per element: halve the tiles
-        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
-    if bd <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if bd == 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+    m, n, warps, stages = _row(_FWD, head_dim, dtype)
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
 
 
 def bwd_config(head_dim, dtype):
-    """Block sizes for the two backward passes: dK/dV (BLOCK_N keys held, BLOCK_M queries streamed) and dQ."""
+    """Block sizes for the two backward passes: dK/dV (BLOCK_N keys held, BLOCK_M queries streamed) and dQ (BLOCK_M
+    queries held, BLOCK_N keys streamed; the Delta pre-pass takes its BLOCK_M). Picked as _FWD's."""
     if INTERPRETED:
         return dict(dkdv=dict(BLOCK_M=16, BLOCK_N=32, num_warps=4, num_stages=1),
                     dq=dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1))
-    bd = _block_d(head_dim)
-    if dtype == torch.float32 or bd > 128:
-        small = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
-        return dict(dkdv=small, dq=small)
-    if bd <= 64:  # dK, dV, K, V of 128 keys stay in registers: 8 warps
-        return dict(dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
-                    dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=3))
-    return dict(dkdv=dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
-                dq=dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=3))
+    names = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+    return dict(dkdv=dict(zip(names, _row(_DKDV, head_dim, dtype))), dq=dict(zip(names, _row(_DQ, head_dim, dtype))))
 
 
 def decode_config(head_dim, dtype):
-    """Block sizes for decode: BLOCK_N keys per step; the queries of a row fit one BLOCK_M = 16 tile."""
+    """Block sizes for decode: BLOCK_N keys per step; the queries of a row fit one BLOCK_M = 16 tile. Picked as
+    _FWD's, over the split-KV kernel and the forward kernel it uses when there is one chunk."""
     if INTERPRETED:
         return dict(BLOCK_N=16, num_warps=4, num_stages=1)
-    if dtype == torch.float32 or _block_d(head_dim) > 128:
-        return dict(BLOCK_N=32, num_warps=4, num_stages=2)
-    return dict(BLOCK_N=64, num_warps=4, num_stages=3)
+    n, warps, stages = _row(_DECODE, head_dim, dtype)
+    return dict(BLOCK_N=n, num_warps=warps, num_stages=stages)
 
 
 @functools.lru_cache(maxsize=None)
@@ -671,9 +719,9 @@ def attention_backward(do, q, k, v, o, lse, start=None, scale=None, needs=(True,
     if B * H * Tq == 0:
         return dq, (dk if needs[1] else None), (dv if needs[2] else None)
     bm = cfg["dq"]["BLOCK_M"]
-    _attn_bwd_delta_kernel[(triton.cdiv(Tq, bm), B * H)](
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, bm), B * H)](  # 8 warps: 28-76 registers, no spill (4 spilled once)
         o, do, delta, *o.stride(), *do.stride(), H, Tq,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=consts["BLOCK_D"], CHECK_D=consts["CHECK_D"])
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_D=consts["BLOCK_D"], CHECK_D=consts["CHECK_D"], num_warps=8)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
     if dk is not None:
         c = cfg["dkdv"]

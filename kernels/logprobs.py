@@ -55,6 +55,13 @@ log_softmax + gather peaks at three to five) and its backward does not recompute
 Bytes. From bf16 logits the forward reads N V 2 bytes, the backward reads them again and writes the gradient (N V 2):
 the 'minimal bytes' of bench/logprobs.py count the logits read once and the gradient written once.
 
+Precision (bf16/fp16 hidden states). Every block of logits is the product of the low-precision operands summed and
+kept in fp32 (`_mm32`), never rounded back to bf16: at GPT-2's logit scale (|z| ~ 100, where bf16's spacing is 0.5)
+bf16 logits put ~0.1 nats of error into log pi, the KL reward and the PPO ratio. W may be fp32 (autocast's master
+weight) while h is bf16: the product uses W rounded to bf16, and dW is accumulated over the blocks in fp32 and
+returned in W's dtype, so the LM head's gradient is never rounded to bf16. The gradient d loss / d z of a block is
+rounded to h's dtype for its two matmuls (as autocast's own backward would).
+
 File order: references (the spec) -> Triton kernels -> launchers -> autograd Functions -> public functions.
 The benchmark is bench/logprobs.py (`python -m bench.logprobs --help`).
 """
@@ -150,6 +157,25 @@ def reference_lm_head(hidden, weight, targets, temperature=1.0, *, mask=None, re
 
 # The same maths written out by hand: a forward that keeps only per-row statistics and a backward that recomputes
 # pi from the logits. The PyTorch path of the public functions runs these (so gradcheck checks them), chunk by chunk.
+
+_MM_OUT_DTYPE = None  # whether torch.mm takes out_dtype on this device (CUDA, torch >= 2.8); found at the first call
+
+
+def _mm32(a, b):
+    """a @ b as fp32 for low-precision a, b (the products summed in fp32 and not rounded back): torch.mm with
+    out_dtype on CUDA, which keeps the bf16 tensor cores; elsewhere (CPU, older torch) fp32 copies of the operands."""
+    global _MM_OUT_DTYPE
+    if a.dtype in (torch.float32, torch.float64):
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+            return out
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return a.float() @ b.float()
+
 
 def _acc(x):
     """The accumulation dtype: fp64 stays fp64 (gradcheck), everything else computes in fp32."""
@@ -420,17 +446,20 @@ def _interpreting():
 
 def forward_config(V):
     """(BLOCK_V, num_warps) for the forward kernel. One config in the interpreter (bigger blocks = fewer Python
-    steps); on GPU a 4096-wide block, 8 warps: untuned, see bench/logprobs.py."""
+    steps); on GPU a 4096-wide block, 8 warps. Not timed yet (bench/logprobs.py on a GPU); compiled for A100 and H100
+    (`python -m bench.compile`, results/compile.md): 32-89 registers over the flag combinations, no spill."""
     if _interpreting():
         return min(triton.next_power_of_2(V), 65536), 4
     return min(triton.next_power_of_2(V), 4096), 8
 
 
 def backward_config(V):
-    """(BLOCK_V, num_warps) for the backward kernel (one program per row and block of columns)."""
+    """(BLOCK_V, num_warps) for the backward kernel (one program per row and block of columns): 2048 columns over
+    8 warps, 8 per thread. Compiled for A100 and H100 (results/compile.md): 28-48 registers, no spill in any flag
+    combination; with 4 warps (16 columns per thread) ptxas spilled 4-24 bytes in some fp16 ones."""
     if _interpreting():
         return min(triton.next_power_of_2(V), 65536), 4
-    return min(triton.next_power_of_2(V), 2048), 4
+    return min(triton.next_power_of_2(V), 2048), 8
 
 
 def _check_rows(name, x, N=None, V=None, device=None, allow64=False):
@@ -635,11 +664,13 @@ class _FromHidden(torch.autograd.Function):
         acc = _acc(hidden)
         outs = [torch.zeros(n, dtype=acc, device=hidden.device) for _ in range(5)]  # logp, ent, kl, lse, ref_lse
         if backend == "triton":
-            rows, _ = _block_shape(n, V, chunk_bytes, hidden.element_size(), V)  # whole rows
+            w = weight.to(hidden.dtype)  # (V, d) W as the product's operand (fp32 master weight -> bf16)
+            wr = ref_weight.to(ref_hidden.dtype) if full_kl else None
+            rows, _ = _block_shape(n, V, chunk_bytes, 4, V)  # whole rows of fp32 logits
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
-                z = hidden[r0:r1] @ weight.t()  # (rows, V) one block of logits
-                zr = ref_hidden[r0:r1] @ ref_weight.t() if full_kl else None  # (rows, V)
+                z = _mm32(hidden[r0:r1], w.t())  # (rows, V) one block of logits, fp32
+                zr = _mm32(ref_hidden[r0:r1], wr.t()) if full_kl else None  # (rows, V)
                 got = launch_forward(z, targets[r0:r1], temperature, ref_logits=zr, with_entropy=with_entropy)
                 for o, g in zip(outs, got):
                     if g is not None:
@@ -648,7 +679,8 @@ class _FromHidden(torch.autograd.Function):
             inv_temp = 1.0 / temperature
             x = hidden.to(acc) * inv_temp  # (n, d) logits of x are s = z / T
             xr = ref_hidden.to(acc) * inv_temp if full_kl else None
-            w, wr = weight.to(acc), (ref_weight.to(acc) if full_kl else None)
+            w = weight.to(hidden.dtype).to(acc)  # (V, d) W rounded as the product's operand, then fp32
+            wr = ref_weight.to(ref_hidden.dtype).to(acc) if full_kl else None
             rows, cols = _block_shape(n, V, chunk_bytes, 4, MIN_BLOCK_COLS["torch"])
             kept = []  # keep mode: every block (r0, r1, c0, c1, its values, m_block), for the backward
             for r0 in range(0, n, rows):
@@ -699,9 +731,11 @@ def _triton_head_backward(hidden, weight, targets, ref_hidden, ref_weight, stats
     lse, ent, kl, ref_lse = stats
     g_lp, g_h, g_kl = g
     n, V = hidden.shape[0], weight.shape[0]
-    rows, cols = _block_shape(n, V, chunk_bytes, hidden.element_size(), MIN_BLOCK_COLS["triton"])
+    rows, cols = _block_shape(n, V, chunk_bytes, 4, MIN_BLOCK_COLS["triton"])  # fp32 blocks of logits
+    w = weight.to(hidden.dtype)  # (V, d) the forward's operand
+    wr = ref_weight.to(ref_hidden.dtype) if g_kl is not None else None
     dh = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
-    dw = torch.empty_like(weight) if need_w else None
+    dw = torch.empty(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None  # fp32 sums
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         h_blk = hidden[r0:r1]
@@ -709,21 +743,23 @@ def _triton_head_backward(hidden, weight, targets, ref_hidden, ref_weight, stats
         pick = lambda v: None if v is None else v[r0:r1]  # noqa: E731
         for c0 in range(0, V, cols):
             c1 = min(V, c0 + cols)
-            z = h_blk @ weight[c0:c1].t()  # (rows, cols) this block of logits, recomputed
-            zr = ref_hidden[r0:r1] @ ref_weight[c0:c1].t() if g_kl is not None else None
+            z = _mm32(h_blk, w[c0:c1].t())  # (rows, cols) this block of logits, recomputed in fp32
+            zr = _mm32(ref_hidden[r0:r1], wr[c0:c1].t()) if g_kl is not None else None
             dz = launch_backward(z, targets[r0:r1], lse[r0:r1], temperature, grad_logp=pick(g_lp),
                                  grad_entropy=pick(g_h), entropy=pick(ent), grad_kl=pick(g_kl), kl=pick(kl),
                                  ref_logits=zr, ref_lse=pick(ref_lse), col_offset=c0, out=z)  # in place
+            dz = dz.to(hidden.dtype)  # (rows, cols) the matmuls' operand
             if need_h:
-                if dz.dtype == torch.float32:
-                    dh_blk.addmm_(dz, weight[c0:c1])  # dh += dz W_c
-                else:
-                    dh_blk += dz @ weight[c0:c1]  # low-precision product, fp32 sum over column blocks
+                dh_blk += _mm32(dz, w[c0:c1])  # dh += dz W_c, summed over column blocks in fp32
             if need_w:
-                _add_block(dw, c0, c1, r0 == 0, dz.t(), h_blk)  # dW_c += dz^T h
+                blk = _mm32(dz.t(), h_blk)  # (cols, d) dW_c += dz^T h, summed over row blocks in fp32
+                if r0 == 0:
+                    dw[c0:c1] = blk
+                else:
+                    dw[c0:c1] += blk
         if need_h:
             dh[r0:r1] = dh_blk
-    return (dh.to(hidden.dtype) if need_h else None), dw
+    return (dh.to(hidden.dtype) if need_h else None), (dw.to(weight.dtype) if need_w else None)
 
 
 def _torch_head_backward(hidden, weight, targets, ref_hidden, ref_weight, stats, g, temperature, chunk_bytes,
@@ -743,7 +779,7 @@ def _torch_head_backward(hidden, weight, targets, ref_hidden, ref_weight, stats,
     n, d = hidden.shape
     V = weight.shape[0]
     x = hidden.to(acc) * inv_temp  # (n, d)
-    w = weight.to(acc)  # (V, d)
+    w = weight.to(hidden.dtype).to(acc)  # (V, d) as in the forward
     dh = torch.zeros(n, d, dtype=acc, device=x.device) if need_h else None
     dw = torch.empty(V, d, dtype=acc, device=x.device) if need_w else None
     if kept is not None and g_kl is None:
@@ -799,7 +835,7 @@ def _torch_dense_backward(x, w, ref_hidden, ref_weight, stats, g, temperature, c
     x_aug, w_aug = torch.cat([x, b[:, None]], 1), torch.cat([w, ones], 1)  # (n, d + 1), (V, d + 1)
     if g_kl is not None:  # the same for the reference: logits of [x_ref, -lse_ref] against [W_ref, 1] are log q
         xr_aug = torch.cat([ref_hidden.to(acc) / temperature, -ref_lse.to(acc)[:, None]], 1)
-        wr_aug = torch.cat([ref_weight.to(acc), ones], 1)
+        wr_aug = torch.cat([ref_weight.to(ref_hidden.dtype).to(acc), ones], 1)
     x_w = x * -sign[:, None] if only_logp else x  # (n, d) the side dW multiplies
     rows, cols = _block_shape(n, V, chunk_bytes, 4, MIN_BLOCK_COLS["torch"])
     for r0 in range(0, n, rows):
@@ -866,7 +902,7 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, *, mask=None, with_
                    keep_bytes=None):
     """The same outputs as `logprobs` for logits = hidden @ weight.T, never materialising all N x V of them.
 
-    hidden (N, d), weight (V, d) (same float dtype), targets (N,) -> LogprobOutputs (fp32, (N,)); differentiable in
+    hidden (N, d), weight (V, d) (hidden's float dtype, or fp32: Precision above), targets (N,) -> LogprobOutputs (fp32, (N,)); differentiable in
     hidden and weight. The full KL takes the reference's hidden states ref_hidden (N, d_ref) and LM head ref_weight
     (V, d_ref); ref_logprobs (N,) takes an estimator instead. mask (N,) bool: False rows are dropped before the
     matmul (cost nothing; their outputs and gradients are 0). chunk_bytes bounds the one logits block held at a time
@@ -877,8 +913,11 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, *, mask=None, with_
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be (N, d) and weight (V, d), got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype or hidden.dtype not in _FLOATS + (torch.float64,):
-        raise TypeError(f"hidden and weight must share a float dtype, got {hidden.dtype} and {weight.dtype}")
+    if hidden.dtype not in _FLOATS + (torch.float64,) or weight.dtype not in (hidden.dtype, torch.float32):
+        raise TypeError(f"hidden and weight must share a float dtype (or weight be fp32), got {hidden.dtype} and "
+                        f"{weight.dtype}")
+    if ref_weight is not None and ref_weight.dtype not in (ref_hidden.dtype, torch.float32):
+        raise TypeError(f"ref_weight must have ref_hidden's dtype or be fp32, got {ref_weight.dtype}")
     if backend == "triton" and hidden.dtype == torch.float64:
         raise TypeError("the Triton kernels take fp32, fp16 or bf16, not float64")
     if temperature <= 0:

@@ -83,21 +83,21 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False)
     and the entropy when a loss asks for it (it costs extra passes over the logits). The triton and torch paths
     never hold all N x V logits at once (kernels/logprobs.py: fused_logprobs); the reference path does.
 
-    If weight's dtype differs from hidden's (hidden from autocast), weight is cast to hidden's, as autocast's matmul
-    would. Under autocast, hidden and weight are cast to autocast's dtype and the rest runs with autocast off: the
-    logits are products of low-precision operands, the log-softmax math stays fp32 on every path (autocast would
-    also turn the PyTorch path's own matmuls and sums into bf16), and forward and backward see the same logits.
+    Under autocast, hidden is cast to autocast's dtype (bf16) and the rest runs with autocast off. On every path the
+    logits are products of bf16 operands (W rounded to bf16) summed and kept in fp32: bf16 logits would be off by
+    up to 0.25 at GPT-2's |z| ~ 100 (kernels/logprobs.py, "Precision"). An fp32 weight stays fp32, so the LM head's
+    gradient is accumulated and returned in fp32; a weight of another dtype is cast to hidden's.
     """
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         low = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
-            return token_logprobs(hidden.to(low), weight.to(low), targets, temperature, with_entropy)
-    if weight.dtype != hidden.dtype:
+            return token_logprobs(hidden.to(low), weight, targets, temperature, with_entropy)
+    if weight.dtype not in (hidden.dtype, torch.float32) or hidden.dtype == torch.float64:
         weight = weight.to(hidden.dtype)
     mode = _mode(hidden, hidden.dtype != torch.float64)
     if mode == "reference":
-        logits = hidden.float() @ weight.float().t()  # (N, V) fp32
+        logits = hidden.float() @ weight.to(hidden.dtype).float().t()  # (N, V) fp32 sums of bf16 products
         logp, entropy = logprob_kernels.reference(logits, targets, temperature)  # log_softmax, gather; (N,) each
     else:
         logp, entropy, _ = logprob_kernels.fused_logprobs(hidden, weight, targets, temperature,

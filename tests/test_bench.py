@@ -100,3 +100,19 @@ def test_ppo_bench_tiny(tmp_path):
     phases = [float(x) for x in column(table, "median s")]
     assert phases[3] >= max(phases[:3])  # an iteration holds its phases
     assert "peak RSS of the run" in r.stdout and list(tmp_path.iterdir()) == []  # its files went to a temp folder
+
+
+def test_the_gpu_script_plans_every_measurement_within_eight_minutes(capsys):
+    """bench/gpu.py (`make gpu`) runs on a lent GPU only; here its plan: every part, the issue's sizes, the budget."""
+    from bench import gpu  # noqa: PLC0415
+
+    plan = gpu.parts()
+    assert [name for name, _, _ in plan] == ["env", "tests", "logprobs", "attention", "ppo", "demo"]
+    assert sum(share for _, share, _ in plan) <= 1.0 and gpu.BUDGET <= 480  # 8 minutes: room in a 10-minute command
+    cmd = {name: [" ".join(c) for _, c, _ in steps] for name, _, steps in plan}
+    assert "--n 8192,16384 --v 50257,151936 --d 768,4096" in cmd["logprobs"][0]
+    assert "--fused-impls eager,compile,ours,liger,cce" in cmd["logprobs"][0]
+    assert "--seqlens 512,1024,2048,4096" in cmd["attention"][0]
+    assert [env["NANORLHF_KERNELS"] for _, _, env in plan[4][2]] == ["triton", "torch"]
+    assert all("--n_layer 12 --n_head 12 --n_embd 768 --block_size 1024 --dtype bfloat16" in c for c in cmd["ppo"])
+    assert gpu.main(["--plan"]) == 0 and "demo: " in capsys.readouterr().out

@@ -478,6 +478,33 @@ def test_fused_triton_matches_spec(case, monkeypatch):
     _close(ww.grad, w32.grad, tol * w32.grad.abs().max().item(), tol)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_bf16_lm_head_keeps_logits_and_weight_grad_in_fp32(backend, monkeypatch):
+    """bf16 hidden states at GPT-2's logit scale (|z| up to ~100, where bf16's spacing is 0.5): log pi comes from
+    fp32 sums of the bf16 products, within 2e-3 nats of the fp64 spec of the same operands, where bf16-rounded
+    logits are off by ~0.1; an fp32 weight gets an fp32 gradient, accumulated over 3 x 2 blocks."""
+    monkeypatch.setitem(L.MIN_BLOCK_COLS, backend, 640)
+    N, V, d = 24, 1271, 64
+    g = torch.Generator().manual_seed(12)
+    h = (torch.randn(N, d, generator=g) * 4).to(DEVICE, torch.bfloat16)  # (N, d)
+    w = (torch.randn(V, d, generator=g) * 3).to(DEVICE)  # (V, d) fp32 master weight: |z| ~ 100
+    y = torch.randint(0, V, (N,), generator=g).to(DEVICE)
+    w_req = w.clone().requires_grad_()
+    out = L.fused_logprobs(h, w_req, y, backend=backend, chunk_bytes=64 << 10)
+    grad_logp = _dev(*_grads(N, 13))[0]
+    (out.logp * grad_logp).sum().backward()
+    z64 = (h.double() @ w.to(torch.bfloat16).double().t()).requires_grad_()  # (N, V) the products, exactly
+    spec = torch.log_softmax(z64, -1).gather(1, y[:, None]).squeeze(1)  # (N,)
+    (spec * grad_logp.double()).sum().backward()
+    assert z64.abs().max() > 60
+    assert (out.logp.double() - spec).abs().max() < 2e-3
+    rounded = torch.log_softmax(z64.detach().to(torch.bfloat16).double(), -1).gather(1, y[:, None]).squeeze(1)
+    assert (rounded - spec.detach()).abs().max() > 2e-2  # what bf16 logits would give: the error the fp32 sums avoid
+    assert w_req.grad.dtype == torch.float32
+    dw64 = z64.grad.t() @ h.double()  # (V, d) d loss / d W of the bf16-rounded W
+    _close(w_req.grad, dw64, 1e-2 * dw64.abs().max().item())
+
+
 @needs_triton
 def test_seam_takes_the_triton_path(monkeypatch):
     """NANORLHF_KERNELS=triton sends token_logprobs through the kernels (counted), with the same answer."""
