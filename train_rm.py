@@ -1,10 +1,11 @@
 """Stage 2 of RLHF: a reward model (RM) trained on rankings of sampled responses.
 
 InstructGPT §3.5: start from the SFT model, replace the unembedding with a scalar head, and train on labelers'
-rankings of K responses per prompt with the pairwise loss of nanorlhf/reward.py. Afterwards the score is
-normalised on what PPO will score, samples of the SFT policy that end: a gain and a bias so that they have mean 0
-and std 1 (Ziegler et al. 2019), or, given --norm_demos, a bias so that the labelers' demonstrations score mean 0
-(InstructGPT §3.5; the gain from the samples if --unit_std).
+rankings of K responses per prompt with the pairwise loss of nanorlhf/reward.py (best-of-K choices: Ziegler et
+al.'s softmax loss over the K). Afterwards the score is normalised on what PPO will score, samples of the SFT
+policy that end: a gain and a bias so that they have mean 0 and std 1 (Ziegler et al. 2019), or, given
+--norm_demos, a bias so that the labelers' demonstrations score mean 0 (InstructGPT §3.5; the gain from the
+samples if --unit_std).
 
 Default (the built-in task): sample K responses for each training prompt from the SFT model, let the scripted
 labeler rank them (with its noise), write the rankings as JSONL and train on that file (6 epochs: this small RM
@@ -27,11 +28,11 @@ from tqdm import tqdm
 from nanorlhf import checkpoint, cpu, dist, tasks
 from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint_name, file_name, finite, in_range,
                              one_of, positive, require, run, seed_range)
-from nanorlhf.data import load_demonstrations, load_preferences, load_prompts, load_rankings, write_jsonl
+from nanorlhf.data import load_demonstrations, load_preferences, load_prompts, preference_kind, write_jsonl
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import GPT, ScalarModel
 from nanorlhf.optim import adamw, lr_at, set_lr
-from nanorlhf.reward import accuracy, batches, group_scores, normalise_head, ranking_loss, score_texts
+from nanorlhf.reward import accuracy, batches, choice_loss, group_scores, normalise_head, ranking_loss, score_texts
 from nanorlhf.rollout import as_response, sample_responses
 
 
@@ -61,6 +62,8 @@ class Config:
     """built-in data: held-out prompts to label"""
     k: int = 8
     """built-in data: responses sampled and ranked per prompt, giving C(K, 2) pairs (InstructGPT: K = 4 to 9)"""
+    labels: str = "rank"
+    """built-in labeler: "rank" all K responses (InstructGPT), or "choose" the best of K (Ziegler et al. 2019)"""
     label_noise: float = 0.1
     """built-in labeler's noise: P(a ranked above b) = sigmoid((gold_a - gold_b) / label_noise)"""
     temperature: float = 1.0
@@ -136,11 +139,14 @@ class Config:
         require(not (self.fsdp and (self.ckpt_interval or self.resume)), "--fsdp needs --ckpt_interval 0, no --resume")
         positive(self, "temperature", "lr")  # temperature 0 would sample the same response K times
         one_of(self, "dtype", DTYPES)
+        one_of(self, "labels", ("rank", "choose"))
         seed_range(self)
 
 
-def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, generator, batch_size=128):
-    """Sample k responses per prompt and have the scripted labeler rank them: [{"prompt", "responses"}]."""
+def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, generator, batch_size=128,
+                  choose=False):
+    """Sample k responses per prompt and have the scripted labeler rank them: [{"prompt", "responses"}], best first;
+    choose: pick the best only, [{"prompt", "responses", "best"}] (the same labeler: P(best) = softmax(gold/noise))."""
     flat = [p for p in prompts for _ in range(k)]
     samples = sample_responses(policy, flat, max_new_tokens, temperature, batch_size, generator)
     records = []
@@ -148,7 +154,8 @@ def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, g
         # A response that never ended is shown to the labeler as it is (it scores as what it says).
         responses = [as_response(text, ended) for text, ended in samples[i * k:(i + 1) * k]]
         order = tasks.rank(prompt, responses, rng, noise)
-        records.append({"prompt": prompt, "responses": [responses[j] for j in order]})
+        records.append({"prompt": prompt, "responses": responses, "best": order[0]} if choose else
+                       {"prompt": prompt, "responses": [responses[j] for j in order]})
     return records
 
 
@@ -211,19 +218,22 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
                 with amp():
                     records = label_builtin(policy, dist.shard(prompts[name]), cfg.k, cfg.label_noise,
                                             cfg.temperature, cfg.max_new_tokens, label_rng, generator,
-                                            cfg.sample_batch_size)
+                                            cfg.sample_batch_size, cfg.labels == "choose")
                 records = [r for part in dist.all_gather_objects(records) for r in part]  # every process's
                 if dist.is_main():  # beside the previous run's rankings until this run's first checkpoint
                     write_jsonl(staged.path(files[name]), records)
                 files[name] = staged.name(files[name])  # where rank 0 wrote them
         dist.barrier()  # the files are written before anyone reads them
-        train = load_rankings(files["train"])  # read back: the same path user data takes
-        held_out = load_rankings(files["eval"])
+        train = load_preferences(files["train"])  # read back: the same path user data takes
+        held_out = load_preferences(files["eval"])
+    # Best-of-K choices know only "the best beats each other one": Ziegler et al.'s softmax loss, not the ranking's.
+    choice = preference_kind(cfg.data or files["train"]) == "choice"
+    eval_choice = preference_kind(cfg.eval_data or cfg.data or files["eval"]) == "choice"
     demos = load_demonstrations(cfg.norm_demos)[:cfg.n_normalize] if cfg.norm_demos else None  # read before training
     if cfg.unit_std and len(train) < 2:
         raise UserError(f"{cfg.data or files['train']}: only 1 ranking to train on; normalising the score to std 1 "
                         f"needs 2 at least (or --unit_std false)")
-    n_pairs = sum(len(rs) * (len(rs) - 1) // 2 for _, rs in train)
+    n_pairs = sum(len(rs) - 1 if choice else len(rs) * (len(rs) - 1) // 2 for _, rs in train)
     dist.print0(f"RM: {len(train)} rankings ({n_pairs} pairs) to train on, {len(held_out)} held out "
           f"[{time.time() - t0:.0f} s]")
     n_rm, k_max = checkpoint.param_count(rm.config, head=True), max(len(rs) for _, rs in train)
@@ -266,7 +276,7 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
         for i, part in dist.accumulate(parts, train_rm):  # DDP: only the last one averages over processes
             with amp():
                 scores, ids = group_scores(train_rm, part, rm.config.block_size, device)  # (G*K,) each
-            loss = ranking_loss(scores, k, cfg.center_coef, ids)
+            loss = (choice_loss if choice else ranking_loss)(scores, k, cfg.center_coef, ids)
             (loss * shares[i]).backward()
             total += shares[i] * loss.item()
         loss = dist.mean_floats([total])[0]  # the mean over every process's rankings
@@ -317,9 +327,9 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
 
     # 4. Held-out accuracy, beside the ceiling the labels' own noise allows.
     with amp():
-        result = accuracy(rm, held_out)
+        result = accuracy(rm, held_out, eval_choice)
         # Train accuracy beside held-out: far above it, the RM overfits; near it, it underfits.
-        train_acc, _ = accuracy(rm, train[:len(held_out)])["acc_labels"]
+        train_acc, _ = accuracy(rm, train[:len(held_out)], choice)["acc_labels"]
     acc, n = result["acc_labels"]
     msg = f"pairwise accuracy vs the labels: train {train_acc:.3f}, held-out {acc:.3f} ({n} pairs)"
     if "acc_gold" in result:

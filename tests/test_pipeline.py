@@ -10,7 +10,7 @@ from conftest import TINY, load_script, run
 from nanorlhf import checkpoint, evaluate
 from nanorlhf.data import load_demonstrations
 from nanorlhf.model import GPT, GPTConfig, ScalarModel
-from nanorlhf.reward import score_texts
+from nanorlhf.reward import choice_loss, score_texts
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,24 @@ def test_nan_stops_with_the_iteration_and_saves_nothing(workdir, rm_run, tmp_pat
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "not finite at iteration 0" in r.stderr
     assert not out.exists()
+
+
+def test_rm_on_best_of_k_choices(workdir, tmp_path, monkeypatch):
+    """Ziegler et al.'s 4-way choices: the built-in labeler writes {"prompt", "responses", "best"}, and a choices
+    file (the built-in one or the user's) trains with the softmax loss over the K, never the ranking loss (which
+    would read an order into the unpicked responses)."""
+    r = run("train_rm.py", "--labels", "choose", "--n_prompts", 8, "--n_eval", 4, "--k", 4, "--max_new_tokens", 6,
+            "--n_normalize", 8, "--batch_size", 4, "--epochs", 1, "--out", tmp_path / "rm.pt", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in open(tmp_path / "rankings_train.jsonl")]
+    assert len(records) == 8 and all(len(x["responses"]) == 4 and 0 <= x["best"] < 4 for x in records)
+    assert "RM: 8 rankings (24 pairs) to train on" in r.stdout  # K - 1 known pairs per choice, not C(K, 2) = 6
+    rm = load_script("train_rm")
+    calls = []
+    monkeypatch.setattr(rm, "ranking_loss", lambda *a, **k: pytest.fail("the ranking loss on choice data"))
+    monkeypatch.setattr(rm, "choice_loss", lambda *a, **k: calls.append(1) or choice_loss(*a, **k))
+    cfg = rm.Config(data=str(tmp_path / "rankings_train.jsonl"), eval_data=str(tmp_path / "rankings_eval.jsonl"),
+                    sft=str(workdir / "out" / "sft.pt"), out=str(tmp_path / "rm2.pt"), max_new_tokens=6,
+                    n_normalize=8, batch_size=4, epochs=1)
+    rm.main(cfg)
+    assert len(calls) == 2  # 8 choices in steps of 4
