@@ -7,9 +7,10 @@ Ziegler et al. 2019 and InstructGPT §3.5 maximise, over prompts x and sampled r
 Four models: the policy pi (starts as SFT), the frozen reference pi_SFT, the frozen reward model r_theta, and the
 value function V (starts as the RM, InstructGPT). Every iteration runs the numbered steps in main():
 1 roll out, 2 score, 3 log-probs and values, 4 rewards, 5 beta, 6 advantages, 7 PPO epochs, (8 PPO-ptx inside 7).
+--estimator rloo, grpo or drgrpo drops V: k samples per prompt, the others' rewards the baseline (nanorlhf/ppo.py).
 
 Reads  out/sft.pt, out/rm.pt, data/prompts_train.jsonl, data/prompts_eval.jsonl
-Writes out/ppo.pt (the policy under "model", the value function under "value")
+Writes out/ppo.pt (the policy under "model", GAE's value function under "value")
 
     python train_ppo.py
     torchrun --standalone --nproc_per_node=4 train_ppo.py    # 4 GPUs (DDP): each rolls out batch_size prompts
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanorlhf import checkpoint, cpu, dist, ppo
+from nanorlhf import checkpoint, cpu, dist, online, ppo
 from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint_name, file_name, finite, in_range,
                              one_of, positive, require, run, seed_range)
 from nanorlhf.data import encode_lm_data, load_prompts
@@ -61,7 +62,11 @@ class Config:
     iters: int = 150
     """PPO iterations (each: one batch of rollouts, then ppo_epochs over it)"""
     batch_size: int = 128
-    """prompts rolled out per iteration and process (torchrun: world_size x batch_size in all)"""
+    """rollouts per iteration and process, of batch_size / samples_per_prompt prompts (torchrun: x world_size)"""
+    samples_per_prompt: int = 1
+    """k: responses sampled per prompt, in consecutive rows (rloo, grpo, drgrpo: at least 2, each one's baseline)"""
+    estimator: str = "gae"
+    """advantages: gae (PPO's, from a value function V) or the critic-free rloo, grpo, drgrpo (nanorlhf/ppo.py)"""
     minibatch_size: int = 16
     """rollouts per gradient step and process"""
     micro_batch_size: int = 0
@@ -88,7 +93,14 @@ class Config:
     no_eos_penalty: float = -5.0
     """score given, instead of the RM's, to a response that never produced <|endoftext|>"""
     init_kl_coef: float = 0.2
-    """beta: weight of the per-token KL penalty to the SFT model"""
+    """beta: weight of the per-token KL penalty to the SFT model (grpo, drgrpo: of the k3 KL in the loss)"""
+    online_every: int = 0
+    """online data collection (Ziegler et al. 2019; nanorlhf/online.py): every this many iterations, label samples of
+    the policy and train the RM on them (0: offline, the RM frozen)"""
+    online_prompts: int = 200
+    """online: prompts per round, each with K samples of the policy for the scripted labeler (K: the RM run's)"""
+    online_rm_epochs: int = 2
+    """online: passes over a round's new labels and as many earlier ones"""
     adaptive_kl: bool = True
     """adapt beta towards target_kl (Ziegler et al.'s controller); false keeps beta fixed"""
     target_kl: float = 1.0
@@ -140,7 +152,15 @@ class Config:
         if self.ptx_coef > 0:
             file_name(self, "ptx_data")
         at_least(self, 1, "iters", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens", "kl_horizon",
-                 "eval_interval")
+                 "eval_interval", "samples_per_prompt")
+        one_of(self, "estimator", ("gae", "rloo", "grpo", "drgrpo"))
+        at_least(self, 0, "online_every")
+        at_least(self, 1, "online_prompts", "online_rm_epochs")
+        require(not (self.online_every and self.fsdp), "--online_every trains the RM unsharded: leave out --fsdp")
+        require(self.estimator == "gae" or self.samples_per_prompt >= 2, f"--samples_per_prompt must be at least 2 "
+                f"with --estimator {self.estimator} (a baseline from the others), got {self.samples_per_prompt}")
+        require(self.batch_size % self.samples_per_prompt == 0, f"--batch_size must be a multiple of "
+                f"--samples_per_prompt {self.samples_per_prompt}, got {self.batch_size}")
         require(self.minibatch_size <= self.batch_size, f"--minibatch_size must be at most --batch_size "
                                                         f"{self.batch_size}, got {self.minibatch_size}")
         positive(self, "lr", "vf_lr", "temperature", "target_kl", "cliprange", "cliprange_value")
@@ -154,8 +174,8 @@ class Config:
 
 
 def load_models(cfg, device):
-    """policy, reference, reward model and value function, all without dropout (RL needs exact log-probs and
-    values; lm-human-preferences does the same). The RM, and so the value function, may be of another GPT-2 size
+    """policy, reference, reward model and value function (None but with GAE), all without dropout (RL needs exact
+    log-probs and values; lm-human-preferences too). The RM, and so the value function, may be of another GPT-2 size
     than the policy (InstructGPT: a 6B RM for its 175B policy): the tokenizer is GPT-2's for both (checked at load),
     and its context must hold every rollout."""
     sft = checkpoint.load(cfg.sft, made_by="train_sft.py", kind="sft")
@@ -168,10 +188,10 @@ def load_models(cfg, device):
     policy, ref = GPT(policy_cfg), GPT(policy_cfg)
     policy.load_state_dict(sft["model"])
     ref.load_state_dict(sft["model"])
-    rm, value = ScalarModel(rm_cfg), ScalarModel(rm_cfg)
-    rm.load_state_dict(rm_ckpt["model"])
-    value.load_state_dict(rm_ckpt["model"])  # InstructGPT: the value function starts as the RM
-    return [m.to(device) for m in (policy, ref, rm, value)]
+    rm, value = ScalarModel(rm_cfg), ScalarModel(rm_cfg) if cfg.estimator == "gae" else None
+    for m in (rm, value) if value else (rm,):
+        m.load_state_dict(rm_ckpt["model"])  # InstructGPT: the value function starts as the RM
+    return [m.to(device) if m else None for m in (policy, ref, rm, value)]
 
 
 def main(cfg: Config):
@@ -192,6 +212,8 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
     low_precision = dist.autocast_dtype(cfg.dtype, device) is not None  # bf16 forward passes
     generator = torch.Generator(device=device).manual_seed(cfg.seed + dist.rank())  # rollouts differ per process
     global_batch = cfg.batch_size * dist.world_size()
+    n_prompts = global_batch // cfg.samples_per_prompt  # an iteration's prompts, each sampled samples_per_prompt times
+    grpo = cfg.estimator in ("grpo", "drgrpo")  # GRPO's loss (step 7): a mean over responses, its KL inside
     reduce = dist.all_reduce_sum if dist.world_size() > 1 else None  # whitening over every process's tokens
     resumed = checkpoint.load_resumable(cfg, "train_ppo.py", kind="ppo") if cfg.resume else None
     if cfg.resume and resumed is None:
@@ -200,23 +222,26 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
     policy, ref, rm, value = load_models(cfg, device)
     check_room(cfg.max_new_tokens, policy.config.block_size, cfg.sft)
     prompts = [encode(p) for p in load_prompts(cfg.data or cfg.prompts, cfg.keep_articles)]
-    if dist.world_size() > 1 and len(prompts) < global_batch:  # shards of unequal size: unequal DDP steps, a hang
+    if dist.world_size() > 1 and len(prompts) < n_prompts:  # shards of unequal size: unequal DDP steps, a hang
+        per = f" / --samples_per_prompt {cfg.samples_per_prompt}" if cfg.samples_per_prompt > 1 else ""
         raise UserError(f"{cfg.data or cfg.prompts}: {len(prompts)} prompts, fewer than one global batch "
-                        f"({dist.world_size()} processes x --batch_size {cfg.batch_size}): lower --batch_size")
+                        f"({dist.world_size()} processes x --batch_size {cfg.batch_size}{per}): lower --batch_size")
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
     # PPO-ptx's data: pretraining text (the LM loss on every token) or demonstrations (on their responses)
     ptx = encode_lm_data(cfg.ptx_data, policy.config.block_size) if cfg.ptx_coef > 0 else None
     for m in (ref, rm):
-        m.eval().requires_grad_(False)
-    if not cfg.value_embeddings:  # before the optimizer: it takes only the parameters that require a gradient
-        value.gpt.transformer.wte.weight.requires_grad_(False)
-    policy.train(), value.train()  # dropout is 0 in all four models (load_models), so train() is exact
-    policy.checkpointing = value.gpt.checkpointing = cfg.activation_checkpointing
+        m.eval().requires_grad_(m is rm and cfg.online_every > 0)  # online: the RM keeps learning
+    lab = online.start(cfg, rm, ref, device, amp) if cfg.online_every else None  # Ziegler et al.'s online labels
+    policy.train().checkpointing = cfg.activation_checkpointing  # dropout is 0 in all models: train() is exact
+    if value:  # its token embeddings frozen before the optimizer, which takes only what requires a gradient
+        value.train().gpt.checkpointing = cfg.activation_checkpointing
+        value.gpt.transformer.wte.weight.requires_grad_(cfg.value_embeddings)
     # The modules the PPO epochs train through (DDP or FSDP with several processes, compiled with --compile);
     # generation, scoring, evaluation, PPO-ptx's second forward and checkpoints use policy and value themselves.
-    train_policy, train_value = (dist.wrap(m, device, cfg.compile, cfg.fsdp) for m in (policy, value))
+    train_policy, train_value = (dist.wrap(m, device, cfg.compile, cfg.fsdp) if m else None for m in (policy, value))
     policy_opt = adamw(policy, cfg.lr, betas=(0.9, 0.95))  # after FSDP: their parameters are shards
-    value_opt = adamw(value, cfg.vf_lr, betas=(0.9, 0.95))
+    value_opt = adamw(value, cfg.vf_lr, betas=(0.9, 0.95)) if value else None
+    trained, opts = [m for m in (policy, value) if m], [o for o in (policy_opt, value_opt) if o]  # V: GAE's only
     beta = cfg.init_kl_coef
     history = []
     order, pos = list(range(len(prompts))), len(prompts)
@@ -224,23 +249,26 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
     if resumed:  # go on from the checkpoint: weights, optimizers, beta, history, random states, prompt order
         state = resumed["resume"]
         policy.load_state_dict(resumed["model"])
-        value.load_state_dict(resumed["value"])
         policy_opt.load_state_dict(state["policy_opt"])
-        value_opt.load_state_dict(state["value_opt"])
+        if value:
+            value.load_state_dict(resumed["value"])
+            value_opt.load_state_dict(state["value_opt"])
         if len(state["rng"]) != dist.world_size():
             raise UserError(f"{cfg.out} was written by {len(state['rng'])} processes: resume with as many")
         checkpoint.set_rng_state(state["rng"][dist.rank()], rng, generator)  # this process's own random states
         beta, history, first_it = resumed["beta"], resumed["history"], resumed["step"]
         order, pos = state["order"], state["pos"]
+        if lab:
+            online.load_state_dict(lab, rm, state["online"])
     t_start = time.time()
-    dist.print0(f"PPO: {len(prompts)} prompts, {cfg.iters} iterations x {cfg.batch_size} rollouts, "
+    dist.print0(f"PPO: {len(prompts)} prompts, {cfg.iters} iterations x {cfg.batch_size} rollouts ({cfg.estimator}), "
           f"{cfg.ppo_epochs} epochs of minibatch {cfg.minibatch_size}, GPT {policy.num_params() / 1e6:.2f}M, {device}")
-    n_pol, n_val = checkpoint.param_count(policy.config), checkpoint.param_count(value.config, head=True)
-    n_trained = n_pol + n_val - (0 if cfg.value_embeddings else value.config.vocab_size * value.config.n_embd)
+    n_pol, n_rm = checkpoint.param_count(policy.config), checkpoint.param_count(rm.config, head=True)
+    n_val = (n_rm - (0 if cfg.value_embeddings else rm.config.vocab_size * rm.config.n_embd)) if value else 0
     micro = min(cfg.micro_batch_size or cfg.batch_size, cfg.batch_size) * policy.config.block_size  # positions
     dist.print0(checkpoint.memory_line(checkpoint.memory_estimate(
-        2 * n_pol + 2 * n_val, n_trained, [(policy.config, micro)],
-        [(c, min(micro, cfg.minibatch_size * policy.config.block_size)) for c in (policy.config, value.config)],
+        2 * n_pol + n_rm + (n_rm if value else 0), n_pol + n_val, [(policy.config, micro)],
+        [(m.config, min(micro, cfg.minibatch_size * policy.config.block_size)) for m in trained],
         low_precision, cfg.activation_checkpointing, dist.world_size() if cfg.fsdp else 1)))
 
     # out/ppo.pt -> out/ppo/metrics.jsonl; a resumed run drops the records after its checkpoint and appends
@@ -250,21 +278,23 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                mininterval=1.0, disable=not dist.is_main())
     for it in bar:
         t0 = time.time()
-        if pos + global_batch > len(order):
+        if pos + n_prompts > len(order):
             rng.shuffle(order)
             pos = 0
         if cfg.anneal_lr:  # both learning rates fall linearly, from their peak at iteration 0 towards 0
-            frac = 1 - it / cfg.iters
-            set_lr(policy_opt, cfg.lr * frac)
-            set_lr(value_opt, cfg.vf_lr * frac)
-        batch_prompts = dist.shard([prompts[i] for i in order[pos:pos + global_batch]])  # this process's prompts
-        pos += global_batch
+            for opt, peak in zip(opts, (cfg.lr, cfg.vf_lr)):
+                set_lr(opt, peak * (1 - it / cfg.iters))
+        batch_prompts = [p for p in dist.shard([prompts[i] for i in order[pos:pos + n_prompts]])  # this process's
+                         for _ in range(cfg.samples_per_prompt)]  # each k = samples_per_prompt times in a row
+        pos += n_prompts
+        # 0. Online (every online_every iterations): label the policy's samples, train the RM on them, renormalise.
+        round_stats = online.run_round(lab, cfg, policy, rm, amp) if lab and it % cfg.online_every == 0 else {}
 
-        # 1. Roll out: sample a response per prompt from the policy (KV cache), at `temperature`. generate()
+        # 1. Roll out: sample k responses per prompt from the policy (KV cache), at `temperature`. generate()
         #    records log pi_old(y_t) of each sampled token at that temperature: the same numbers a fresh forward
         #    pass gives (tests/test_ppo.py checks it), so the PPO ratio starts at exactly 1 without recomputing.
         policy.eval()
-        dist.unshard(policy, value)  # FSDP: the whole models in every process for steps 1-6
+        dist.unshard(*trained)  # FSDP: the whole models in every process for steps 1-6
         parts = dist.micro_batches(len(batch_prompts), cfg.micro_batch_size)  # one part by default
         with amp():
             r = merge_rollouts([generate(policy, batch_prompts[rows], cfg.max_new_tokens, cfg.temperature,
@@ -288,7 +318,7 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
             n, mbs = len(batch_prompts), cfg.micro_batch_size  # every pass in micro-batches of rows
             score = torch.where(ended, dist.in_parts(lambda s: rm.score(tokens[s], start[s], last[s]), n, mbs),
                                 cfg.no_eos_penalty)  # (B,)
-            # 3. Log-probs of the sampled tokens under the frozen reference (SFT), and the values V(s_t).
+            # 3. Log-probs of the sampled tokens under the frozen reference (SFT), and (GAE) the values V(s_t).
             ref_logp = dist.in_parts(lambda s: response_logprobs(ref, tokens[s], start[s], P, mask[s],
                                                                  cfg.temperature), n, mbs)  # (B, R)
             if low_precision:
@@ -296,22 +326,29 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                 # log pi_old from the seam too, so the PPO ratio starts at exactly 1 here as well.
                 old_logp = dist.in_parts(lambda s: response_logprobs(policy, tokens[s], start[s], P, mask[s],
                                                                      cfg.temperature), n, mbs)  # (B, R)
-            old_values = dist.in_parts(lambda s: response_values(value, tokens[s], start[s], P, maskf[s]), n, mbs)
+            old_values = dist.in_parts(lambda s: response_values(value, tokens[s], start[s], P, maskf[s]), n, mbs
+                                       ) if value else None
             # 4. Rewards: -beta * (log pi - log pi_ref) per token, plus the RM score on the last token.
             rewards, kl = ppo.kl_penalized_rewards(score, old_logp, ref_logp, maskf, beta)
             mean_kl = dist.mean(kl.sum(1))  # KL(pi || pi_SFT) per response, one-sample estimate, all processes
             # 5. beta: Ziegler et al.'s adaptive controller moves it so that the KL approaches target_kl.
             if cfg.adaptive_kl:
                 beta = ppo.update_kl_coef(beta, mean_kl, cfg.target_kl, cfg.kl_horizon, global_batch)
-            # 6. Advantages: GAE over the response (gamma, lambda), returns = A + V, then whiten A.
-            if cfg.whiten_rewards:
-                rewards = ppo.whiten(rewards, maskf, shift_mean=False, reduce=reduce)
-            adv, returns = ppo.gae(rewards, old_values, maskf, cfg.gamma, cfg.lam)
-            adv = ppo.whiten(adv, maskf, reduce=reduce)
-        dist.reshard(policy, value)
+            # 6. Advantages: GAE over the response (gamma, lambda), returns = A + V, then whiten A. Or one per
+            #    response, its group of k the baseline: RLOO's of step 4's summed rewards, GRPO's of the score.
+            if cfg.estimator == "gae":
+                if cfg.whiten_rewards:
+                    rewards = ppo.whiten(rewards, maskf, shift_mean=False, reduce=reduce)
+                adv, returns = ppo.gae(rewards, old_values, maskf, cfg.gamma, cfg.lam)
+                adv = ppo.whiten(adv, maskf, reduce=reduce)
+            elif cfg.estimator == "rloo":  # R_i = score - beta * sum_t KL_t, on each token of response i
+                adv = ppo.rloo_advantages(rewards.sum(1), cfg.samples_per_prompt)[:, None] * maskf  # (B, R)
+            else:  # GRPO (Dr. GRPO: no division by the group's std); the KL goes in the loss (step 7)
+                adv = ppo.grpo_advantages(score, cfg.samples_per_prompt, scale=cfg.estimator == "grpo")  # (B,)
+        dist.reshard(*trained)
         t2 = time.time()
 
-        # 7. PPO epochs: shuffled minibatches; clipped policy loss, clipped value loss, entropy bonus.
+        # 7. PPO epochs: shuffled minibatches; clipped policy loss (GRPO's with its KL), value loss, entropy bonus.
         stats = []
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(len(batch_prompts), device=device)
@@ -320,14 +357,14 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                 ptx_batch = dist.shard([ptx[rng.randrange(len(ptx))] for _ in range(
                     cfg.minibatch_size * dist.world_size())]) if ptx is not None else []
                 # In micro-batches (one by default), PPO-ptx's examples in as many; each loss is a mean over every
-                # process's tokens (DDP averages per-process gradients): each part's mean weighs its share of them.
+                # process's tokens (GRPO's: responses; DDP averages gradients): each part's mean weighs its share.
                 parts = [mb[s] for s in dist.micro_batches(len(mb), cfg.micro_batch_size)]
                 ptx_parts = [make_batch(ptx_batch[s], device) for s in dist.split(len(ptx_batch), len(parts))
                              ] if ptx is not None else []
-                shares, ptx_shares = dist.shares([int(mask[rows].sum()) for rows in parts],
+                shares, ptx_shares = dist.shares([len(rows) if grpo else int(mask[rows].sum()) for rows in parts],
                                                  [int(ptx_mask.sum()) for *_, ptx_mask in ptx_parts])
-                policy_opt.zero_grad(set_to_none=True)
-                value_opt.zero_grad(set_to_none=True)
+                for opt in opts:
+                    opt.zero_grad(set_to_none=True)
                 for i, rows in dist.accumulate(parts, train_policy, train_value):  # DDP: the last one syncs
                     m = maskf[rows]
                     # The exact entropy over the vocabulary costs extra passes over the logits (~35 % of a CPU
@@ -337,18 +374,24 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                                                 cfg.temperature, with_entropy=bool(cfg.ent_coef))  # (b, R)
                     logp, entropy = out if cfg.ent_coef else (out, -old_logp[rows])  # (b, R) each
                     ent = ppo.masked_mean(entropy, m)
-                    pg_loss, clip_frac, approx_kl = ppo.policy_loss(logp, old_logp[rows], adv[rows], m,
-                                                                    cfg.cliprange)
+                    if grpo:  # GRPO eq. 3: the k3 KL to pi_SFT inside the loss (Dr. GRPO: no length norm)
+                        pg_loss, clip_frac, approx_kl = ppo.grpo_loss(logp, old_logp[rows], ref_logp[rows], adv[rows],
+                                                                      m, cfg.cliprange, beta, cfg.estimator == "grpo")
+                    else:
+                        pg_loss, clip_frac, approx_kl = ppo.policy_loss(logp, old_logp[rows], adv[rows], m,
+                                                                        cfg.cliprange)
                     loss = (pg_loss - cfg.ent_coef * ent) * shares[i]
                     if ptx is not None:
                         with amp():  # through policy, not the DDP wrapper: one DDP forward per backward
                             ptx_loss, _ = sft_loss(policy, *ptx_parts[i])
                         loss = loss + cfg.ptx_coef * ptx_shares[i] * ptx_loss
-                    with amp():
-                        values = response_values(train_value, tokens[rows], start[rows], P, m)  # (b, R)
-                    vf_loss, vf_clip = ppo.value_loss(values, old_values[rows], returns[rows], m,
-                                                      cfg.cliprange_value)
-                    vf_loss = vf_loss * shares[i]
+                    vf_loss = vf_clip = torch.zeros((), device=device)  # critic-free: no value function to train
+                    if value:
+                        with amp():
+                            values = response_values(train_value, tokens[rows], start[rows], P, m)  # (b, R)
+                        vf_loss, vf_clip = ppo.value_loss(values, old_values[rows], returns[rows], m,
+                                                          cfg.cliprange_value)
+                        vf_loss = vf_loss * shares[i]
                     if not (torch.isfinite(loss) and torch.isfinite(vf_loss)):
                         raise UserError(f"PPO loss is not finite at iteration {it} (policy {loss.item()}, value "
                                         f"{vf_loss.item()}); stopped without saving: lower --lr or raise "
@@ -357,11 +400,10 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                     part = [shares[i] * pg_loss.item(), vf_loss.item(), *(shares[i] * x.item() for x in (
                         clip_frac, approx_kl, ent, vf_clip)), ptx_shares[i] * ptx_loss.item() if ptx_parts else 0.0]
                     row = part if i == 0 else [a + b for a, b in zip(row, part)]  # the minibatch's token means
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-                    torch.nn.utils.clip_grad_norm_(value.parameters(), cfg.grad_clip)
-                policy_opt.step()
-                value_opt.step()
+                for model, opt in zip(trained, opts):
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    opt.step()
                 stats.append(row)
         t3 = time.time()
 
@@ -372,11 +414,12 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
         record = dict(
             iter=it + 1, score=dist.mean(score), rm_score=dist.mean(score[ended]),
             kl=mean_kl, beta=beta, lr=policy_opt.param_groups[0]["lr"], entropy=s[4], clip_frac=s[2],
-            approx_kl=s[3], pg_loss=s[0], vf_loss=s[1],
-            vf_clip_frac=s[5], explained_var=ppo.explained_variance(old_values, returns, maskf, reduce).item(),
+            approx_kl=s[3], pg_loss=s[0], **(dict(vf_loss=s[1], vf_clip_frac=s[5], explained_var=ppo.explained_variance(
+                old_values, returns, maskf, reduce).item()) if value else {}),  # the value function's: GAE only
             resp_len=dist.mean(resp_len.float()), no_eos=1.0 - dist.mean(ended.float()),
             time_s=t3 - t0, tokens_per_s=n_tokens / (t3 - t0),
-            t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2, **({"ptx_loss": s[6]} if ptx is not None else {}))
+            t_rollout=t1 - t0, t_score=t2 - t1, t_update=t3 - t2, **({"ptx_loss": s[6]} if ptx is not None else {}),
+            **round_stats)
         evaluate = eval_prompts and ((it + 1) % cfg.eval_interval == 0 or it + 1 == cfg.iters)
         dist.unshard(policy, when=evaluate)  # FSDP: every process gathers the whole policy for rank 0's evaluation
         if dist.is_main() and evaluate:
@@ -393,19 +436,23 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                         clip=f"{s[2]:.2f}", len=f"{record['resp_len']:.1f}", s_it=f"{t3 - t0:.1f}")
         if cfg.ckpt_interval and (it + 1) % cfg.ckpt_interval == 0 and it + 1 < cfg.iters:
             rngs = dist.all_gather_objects(checkpoint.rng_state(rng, generator))  # each process samples its own
+            saved_online = online.state_dict(lab, rm) if lab else None
             if dist.is_main():
                 staged.commit()  # this run's metrics replace the previous run's, with its first checkpoint
-                checkpoint.save(cfg.out, policy, kind="ppo", value=dist.state_dict(value), train_config=vars(cfg),
-                                history=history, beta=beta, step=it + 1,
-                                resume=dict(policy_opt=policy_opt.state_dict(), value_opt=value_opt.state_dict(),
-                                            rng=rngs, order=order, pos=pos))
+                online.write_labels(lab, cfg.out) if lab else None
+                checkpoint.save(cfg.out, policy, kind="ppo", **({"value": dist.state_dict(value)} if value else {}),
+                                train_config=vars(cfg), history=history, beta=beta, step=it + 1,
+                                resume=dict(policy_opt=policy_opt.state_dict(), rng=rngs, order=order, pos=pos,
+                                            value_opt=value_opt.state_dict() if value else None, online=saved_online))
     bar.close()
 
-    dist.unshard(policy, value)  # FSDP: the whole models in every process, for rank 0 to save
+    dist.unshard(*trained)  # FSDP: the whole models in every process, for rank 0 to save
     if dist.is_main():
         staged.commit()
-        checkpoint.save(cfg.out, policy, kind="ppo", value=dist.state_dict(value), train_config=vars(cfg),
-                        history=history, beta=beta, step=cfg.iters)
+        online.write_labels(lab, cfg.out) if lab else None
+        checkpoint.save(cfg.out, policy, kind="ppo", **({"value": dist.state_dict(value)} if value else {}),
+                        **({"rm": rm.state_dict()} if lab else {}), train_config=vars(cfg), history=history,
+                        beta=beta, step=cfg.iters)
         print(f"PPO done in {time.time() - t_start:.0f} s; wrote {cfg.out}")
     dist.cleanup()
     return dict(policy=policy, value=value, beta=beta)  # the trained models (tests compare them across processes)

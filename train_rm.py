@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from nanorlhf import checkpoint, cpu, dist, tasks
+from nanorlhf import checkpoint, cpu, dist
 from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint_name, file_name, finite, in_range,
                              one_of, positive, require, run, seed_range)
 from nanorlhf.data import load_demonstrations, load_preferences, load_prompts, preference_kind, write_jsonl
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import GPT, ScalarModel
+from nanorlhf.online import sample_and_label
 from nanorlhf.optim import adamw, lr_at, set_lr
 from nanorlhf.reward import accuracy, batches, choice_loss, group_scores, normalise_head, ranking_loss, score_texts
 from nanorlhf.rollout import as_response, sample_responses
@@ -143,22 +144,6 @@ class Config:
         seed_range(self)
 
 
-def label_builtin(policy, prompts, k, noise, temperature, max_new_tokens, rng, generator, batch_size=128,
-                  choose=False):
-    """Sample k responses per prompt and have the scripted labeler rank them: [{"prompt", "responses"}], best first;
-    choose: pick the best only, [{"prompt", "responses", "best"}] (the same labeler: P(best) = softmax(gold/noise))."""
-    flat = [p for p in prompts for _ in range(k)]
-    samples = sample_responses(policy, flat, max_new_tokens, temperature, batch_size, generator)
-    records = []
-    for i, prompt in enumerate(prompts):
-        # A response that never ended is shown to the labeler as it is (it scores as what it says).
-        responses = [as_response(text, ended) for text, ended in samples[i * k:(i + 1) * k]]
-        order = tasks.rank(prompt, responses, rng, noise)
-        records.append({"prompt": prompt, "responses": responses, "best": order[0]} if choose else
-                       {"prompt": prompt, "responses": [responses[j] for j in order]})
-    return records
-
-
 def main(cfg: Config):
     """Train the RM; a run that fails before its first checkpoint leaves the previous run's files as they were."""
     with checkpoint.Staged() as staged:  # metrics, rankings: beside the previous run's until the first checkpoint
@@ -216,9 +201,9 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
                 dist.print0(f"sampling {cfg.k} responses for {len(prompts[name])} {name} prompts and ranking them "
                       f"(scripted labeler, noise {cfg.label_noise})")
                 with amp():
-                    records = label_builtin(policy, dist.shard(prompts[name]), cfg.k, cfg.label_noise,
-                                            cfg.temperature, cfg.max_new_tokens, label_rng, generator,
-                                            cfg.sample_batch_size, cfg.labels == "choose")
+                    records = sample_and_label(policy, dist.shard(prompts[name]), cfg.k, cfg.label_noise,
+                                               cfg.temperature, cfg.max_new_tokens, label_rng, generator,
+                                               cfg.sample_batch_size, cfg.labels == "choose")
                 records = [r for part in dist.all_gather_objects(records) for r in part]  # every process's
                 if dist.is_main():  # beside the previous run's rankings until this run's first checkpoint
                     write_jsonl(staged.path(files[name]), records)

@@ -1,15 +1,21 @@
 """One comparison of the ways to turn the same labels into a better policy, on the built-in task's gold score:
-best-of-N with the RM, PPO against the RM, and DPO on the RM's own rankings, each at several strengths of its
-pull towards the SFT model, drawn on one gold-vs-KL(pi || pi_SFT) frontier (as in DPO's paper, Figure 2).
+best-of-N with the RM; RL against the RM: PPO (GAE, a value function) and the critic-free RLOO, GRPO and Dr. GRPO;
+DPO on the RM's own rankings; each at several strengths of its pull towards the SFT model, drawn on one
+gold-vs-KL(pi || pi_SFT) frontier (as in DPO's paper, Figure 2).
 
     python -m nanorlhf.compare                                    # after make demo: out/sft.pt, out/rm.pt, rankings
-    python -m nanorlhf.compare --ppo_betas 0.05,0.2 --dpo_betas 0.1,0.5 --out out/compare
+    python -m nanorlhf.compare --ppo_betas 0.05,0.2 --dpo_betas 0.1,0.5 --rl_estimators gae,grpo --out out/compare
 
-Each setting trains from the same SFT model (PPO with the same RM, DPO on the same rankings the RM learned from), as a
-subprocess of its own script (`train_ppo.py --adaptive_kl false --init_kl_coef beta`, `train_dpo.py --beta beta`),
-and every policy is evaluated the same way: one sample per held-out prompt, its mean gold score ± s.e., its mean
-RM score (a response without <|endoftext|> scores no_eos_penalty, as in PPO), and KL(pi || pi_SFT) as the mean over
-the samples of sum_t log pi(y_t) - log pi_SFT(y_t). Best-of-N samples N from SFT per prompt; its KL is
+Each setting trains from the same SFT model (RL with the same RM, DPO on the same rankings the RM learned from), as a
+subprocess of its own script (`train_ppo.py --estimator E --samples_per_prompt k --adaptive_kl false --init_kl_coef
+beta`, `train_dpo.py --beta beta`). Every RL run samples as many responses: the same --iters and --batch_size (those
+of train_ppo.py or --ppo_args), PPO as batch_size prompts once each, the critic-free methods as batch_size / k prompts
+k times each. Their beta weighs the KL in the reward (PPO, RLOO: k1 summed over the response) or in the loss (GRPO:
+k3 per token), so equal betas are not equal pulls: the frontier compares them at the KL they reach.
+
+Every policy is evaluated the same way: one sample per held-out prompt, its mean gold score ± s.e., its mean RM score
+(a response without <|endoftext|> scores no_eos_penalty, as in PPO), and KL(pi || pi_SFT) as the mean over the
+samples of sum_t log pi(y_t) - log pi_SFT(y_t). Best-of-N samples N from SFT per prompt; its KL is
 log N - (N - 1) / N (nanorlhf/overopt.py). Wall time and tokens sampled are each method's own: a training run's
 (its rollouts' prompt and response tokens), or best-of-N's N samples per prompt.
 
@@ -34,22 +40,22 @@ from nanorlhf.data import load_prompts
 from nanorlhf.evaluate import gold, mean_stderr
 from nanorlhf.metrics import read_metrics
 from nanorlhf.model import GPT, ScalarModel
-from nanorlhf.overopt import bon_kl, best_of_n
+from nanorlhf.overopt import bon_kl, best_of_n, sft_samples
 from nanorlhf.reward import score_texts
 from nanorlhf.rollout import as_response, rollouts
-from nanorlhf.tokenizer import encode
 
 ROOT = Path(__file__).resolve().parents[1]
+METHODS = {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO", "drgrpo": "Dr. GRPO"}  # train_ppo.py --estimator: the name
 
 
 @dataclass
 class Config:
-    """Best-of-N, PPO and DPO from one SFT model and one set of labels, on one gold-vs-KL frontier."""
+    """Best-of-N, RL (PPO, RLOO, GRPO, Dr. GRPO) and DPO from one SFT model and one set of labels, on one frontier."""
 
     sft: str = "out/sft.pt"
     """SFT checkpoint: every method's start and reference"""
     rm: str = "out/rm.pt"
-    """reward model: best-of-N's ranker, PPO's reward, and every policy's RM score"""
+    """reward model: best-of-N's ranker, RL's reward, and every policy's RM score"""
     rankings: str = "out/rankings_train.jsonl"
     """the labels the RM learned from: DPO's training pairs"""
     prompts: str = "data/prompts_eval.jsonl"
@@ -59,11 +65,15 @@ class Config:
     bon: str = "1,4,16,64"
     """best-of-N: the values of N"""
     ppo_betas: str = "0.05,0.2"
-    """PPO: KL coefficients (fixed, not adapted), one run each ("" = no PPO)"""
+    """RL: KL coefficients (fixed, not adapted), one run of each estimator each ("" = no RL)"""
+    rl_estimators: str = "gae,rloo,grpo,drgrpo"
+    """RL: train_ppo.py's --estimator values to run: gae (PPO), rloo, grpo, drgrpo ("" = no RL)"""
+    samples_per_prompt: int = 4
+    """the critic-free estimators' k: responses per prompt (PPO's GAE samples each prompt once)"""
     dpo_betas: str = "0.1,0.5"
     """DPO: betas, one run each ("" = no DPO)"""
     ppo_args: str = ""
-    """more flags for every train_ppo.py run, as a shell would split them, e.g. "--iters 100" """
+    """more flags for every train_ppo.py run (every estimator), as a shell would split them, e.g. "--iters 100" """
     dpo_args: str = ""
     """more flags for every train_dpo.py run"""
     max_new_tokens: int = 16
@@ -79,6 +89,8 @@ class Config:
 
     def __post_init__(self):  # ranges of the flags, checked whenever a Config is made (nanorlhf/config.py)
         at_least(self, 1, "n", "max_new_tokens")
+        at_least(self, 2, "samples_per_prompt")
+        estimators(self)
         positive(self, "temperature")
         seed_range(self)
         for name in ("bon", "ppo_betas", "dpo_betas"):
@@ -99,12 +111,20 @@ def numbers(cfg, name):
     return [int(v) for v in values] if name == "bon" else values
 
 
+def estimators(cfg):
+    """--rl_estimators as a list, checked."""
+    names = [x.strip() for x in cfg.rl_estimators.split(",") if x.strip()]
+    if not set(names) <= set(METHODS):
+        raise UserError(f"--rl_estimators must be among {', '.join(METHODS)}, got {cfg.rl_estimators!r}")
+    return names
+
+
 def load_gpt(path, made_by, kind):
-    """A GPT checkpoint's policy, in eval mode."""
+    """A GPT checkpoint's policy, in eval mode, and the config of the run that trained it."""
     ckpt = checkpoint.load(path, made_by=made_by, kind=kind)
     model = GPT(checkpoint.model_config(ckpt))
     model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return model.eval(), ckpt.get("train_config", {})
 
 
 def evaluate_policy(cfg, policy, sft, rm, prompts, device):
@@ -121,15 +141,8 @@ def best_of_n_points(cfg, sft, rm, prompts, device):
     """Best-of-N for each N of --bon, from max(N) SFT samples per prompt (unbiased over all N-subsets)."""
     ns = numbers(cfg, "bon")
     t0 = time.time()
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    flat = [p for p in prompts for _ in range(max(ns))]
-    samples = rollouts(sft, flat, cfg.max_new_tokens, cfg.temperature, batch_size=128, generator=g)
-    scores = score_texts(rm, flat, [as_response(t, e) for t, e, _ in samples]).tolist()
-    proxy = torch.tensor([s if e else cfg.no_eos_penalty for s, (_, e, _) in zip(scores, samples)])
-    golds = torch.tensor([gold(p, t, e) for p, (t, e, _) in zip(flat, samples)])
-    proxy, golds = proxy.view(len(prompts), -1), golds.view(len(prompts), -1)  # (P, N) each
+    proxy, golds, tokens = sft_samples(cfg, sft, rm, prompts, max(ns), device)  # (P, N) each
     wall = time.time() - t0
-    tokens = sum(len(encode(p)) + len(encode(t)) + e for p, (t, e, _) in zip(flat, samples))  # prompt + response
     rows = []
     for n in ns:
         # s.e. of best-of-n's gold: the per-prompt expected values' spread over prompts
@@ -153,6 +166,21 @@ def train(script, args, out):
     records = read_metrics(Path(out).with_suffix(""))
     tokens = sum(x["tokens_per_s"] * x["time_s"] for x in records if "tokens_per_s" in x) or None
     return wall, tokens
+
+
+def budget_line(rows):
+    """What the RL runs sampled, in one sentence: the same number of responses for every run, or each run's."""
+    rl = [r for r in rows if "iters" in r]
+    budgets = {(r["iters"], r["batch_size"]) for r in rl}
+    if not budgets:
+        return ""
+    if len(budgets) > 1:
+        return "RL runs of unequal sample budgets: " + ", ".join(
+            f"{r['method']} {r['setting']}: --iters {r['iters']} x --batch_size {r['batch_size']}" for r in rl) + "."
+    (iters, batch), = budgets
+    each = ", ".join(dict.fromkeys(f"{r['method']} {r['batch_size'] // r['k']} prompts x {r['k']}" for r in rl))
+    return (f"Every RL run samples as many responses: --iters {iters} x --batch_size {batch} = {iters * batch:,} "
+            f"(per iteration {each}).")
 
 
 def table(rows):
@@ -200,26 +228,32 @@ def main(cfg: Config):
     prompts = [p for p in load_prompts(cfg.prompts) if tasks.is_task_prompt(p)][:cfg.n]
     if not prompts:
         raise UserError(f"{cfg.prompts}: no prompt of the built-in task (the gold score exists only for those)")
-    sft = load_gpt(cfg.sft, "train_sft.py", "sft").to(device)
+    sft = load_gpt(cfg.sft, "train_sft.py", "sft")[0].to(device)
     rm_ckpt = checkpoint.load(cfg.rm, made_by="train_rm.py", kind="rm")
     rm = ScalarModel(checkpoint.model_config(rm_ckpt)).to(device).eval()
     rm.load_state_dict(rm_ckpt["model"])
     out.mkdir(parents=True, exist_ok=True)
 
     rows = best_of_n_points(cfg, sft, rm, prompts, device)
-    runs = [("PPO", "train_ppo.py", "ppo", beta, ["--sft", cfg.sft, "--rm", cfg.rm, "--adaptive_kl", "false",
-                                                   "--init_kl_coef", beta, *shlex.split(cfg.ppo_args)])
-            for beta in numbers(cfg, "ppo_betas")]
-    runs += [("DPO", "train_dpo.py", "dpo", beta, ["--sft", cfg.sft, "--data", cfg.rankings, "--beta", beta,
-                                                    *shlex.split(cfg.dpo_args)])
+    runs = []  # (method, script, kind, checkpoint name, setting, flags)
+    for e in estimators(cfg):
+        k = 1 if e == "gae" else cfg.samples_per_prompt
+        runs += [(METHODS[e], "train_ppo.py", "ppo", f"{'ppo' if e == 'gae' else e}_beta{beta:g}",
+                  f"β = {beta:g}" + (f", k = {k}" if k > 1 else ""),
+                  ["--sft", cfg.sft, "--rm", cfg.rm, "--estimator", e, "--samples_per_prompt", k, "--adaptive_kl",
+                   "false", "--init_kl_coef", beta, *shlex.split(cfg.ppo_args)]) for beta in numbers(cfg, "ppo_betas")]
+    runs += [("DPO", "train_dpo.py", "dpo", f"dpo_beta{beta:g}", f"β = {beta:g}",
+              ["--sft", cfg.sft, "--data", cfg.rankings, "--beta", beta, *shlex.split(cfg.dpo_args)])
              for beta in numbers(cfg, "dpo_betas")]
-    for method, script, kind, beta, args in runs:
-        path = out / f"{kind}_beta{beta:g}.pt"
-        print(f"{method}, beta {beta:g}: training ({script})", flush=True)
+    for method, script, kind, name, setting, args in runs:
+        path = out / f"{name}.pt"
+        print(f"{method}, {setting}: training ({script})", flush=True)
         wall, tokens = train(script, args, path)
-        policy = load_gpt(path, script, kind).to(device)
-        rows.append(dict(method=method, setting=f"β = {beta:g}", wall_s=wall, tokens=tokens,
-                         **evaluate_policy(cfg, policy, sft, rm, prompts, device)))
+        policy, run = load_gpt(path, script, kind)
+        budget = dict(iters=run["iters"], batch_size=run["batch_size"], k=run.get("samples_per_prompt", 1)
+                      ) if kind == "ppo" else {}  # what the RL run sampled
+        rows.append(dict(method=method, setting=setting, wall_s=wall, tokens=tokens, **budget,
+                         **evaluate_policy(cfg, policy.to(device), sft, rm, prompts, device)))
         print("\n".join(table(rows[-1:])[2:]), flush=True)
 
     best = {}
@@ -227,7 +261,8 @@ def main(cfg: Config):
         if r["method"] not in best or r["gold"] > best[r["method"]]["gold"]:
             best[r["method"]] = r
     text = "\n".join([f"Every method from {cfg.sft} on {len(prompts)} held-out prompts, one sample each "
-                      f"(best-of-N: N samples); KL(π ‖ π_SFT) in nats per response.", "", "All points:", "",
+                      f"(best-of-N: N samples); KL(π ‖ π_SFT) in nats per response. {budget_line(rows)}".strip(),
+                      "", "All points:", "",
                       *table(rows), "", "Each method at its best gold:", "", *table(best.values())])
     (out / "table.md").write_text(text + "\n")
     (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")

@@ -36,6 +36,7 @@ from nanorlhf.metrics import read_metrics
 from nanorlhf.model import GPT, ScalarModel
 from nanorlhf.reward import score_texts
 from nanorlhf.rollout import as_response, rollouts
+from nanorlhf.tokenizer import encode
 
 
 @dataclass
@@ -104,15 +105,23 @@ def fit(d, r, form):
     return float(coef[0]), float(coef[1]), r2
 
 
-def bon_curve(cfg, sft, rm, prompts, device):
-    """[(n, KL, gold, proxy)] for n = 1, 2, 4, ..., max_n, from max_n samples of each prompt."""
+def sft_samples(cfg, sft, rm, prompts, n, device):
+    """n samples of the SFT model per prompt (seed cfg.seed), scored: the RM's scores and the gold scores, (P, n)
+    tensors each (a response without <|endoftext|> scores cfg.no_eos_penalty, as in PPO), and the tokens sampled
+    (each sample's prompt and response). cfg: any config with max_new_tokens, temperature, no_eos_penalty, seed."""
     g = torch.Generator(device=device).manual_seed(cfg.seed)
-    flat = [p for p in prompts for _ in range(cfg.max_n)]
+    flat = [p for p in prompts for _ in range(n)]
     samples = rollouts(sft, flat, cfg.max_new_tokens, cfg.temperature, batch_size=128, generator=g)
     scores = score_texts(rm, flat, [as_response(t, e) for t, e, _ in samples]).tolist()
     proxy = torch.tensor([s if e else cfg.no_eos_penalty for s, (_, e, _) in zip(scores, samples)])
     golds = torch.tensor([gold(p, t, e) for p, (t, e, _) in zip(flat, samples)])
-    proxy, golds = proxy.view(len(prompts), cfg.max_n), golds.view(len(prompts), cfg.max_n)  # (P, N) each
+    tokens = sum(len(encode(p)) + len(encode(t)) + e for p, (t, e, _) in zip(flat, samples))  # + <|endoftext|>
+    return proxy.view(len(prompts), n), golds.view(len(prompts), n), tokens
+
+
+def bon_curve(cfg, sft, rm, prompts, device):
+    """[(n, KL, gold, proxy)] for n = 1, 2, 4, ..., max_n, from max_n samples of each prompt."""
+    proxy, golds, _ = sft_samples(cfg, sft, rm, prompts, cfg.max_n, device)  # (P, N) each
     ns = [2 ** k for k in range(int(math.log2(cfg.max_n)) + 1)]
     return [(n, bon_kl(n), best_of_n(proxy, golds, n), best_of_n(proxy, proxy, n)) for n in ns]
 

@@ -161,16 +161,18 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, beta=0.04, length_n
     with the KL in the loss (not in the reward) as k3_kl. length_norm=False is Dr. GRPO: the token terms are summed
     and divided by G * R (R = the longest response of the batch), the same constant for every response, so long
     wrong answers are not penalised less per token than short ones. adv (B,), the rest (B, R). Returns the loss,
-    the clipped fraction and the mean KL per token."""
-    ratio = torch.exp((logp - old_logp) * mask)  # (B, R)
+    the fraction of tokens where clipping was active and approx KL(pi_old || pi), as policy_loss does."""
+    log_ratio = (logp - old_logp) * mask
+    ratio = torch.exp(log_ratio)  # (B, R)
     a = adv[:, None]  # (B, 1): one advantage per response, on each of its tokens
-    surrogate = torch.minimum(ratio * a, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * a)  # (B, R)
+    unclipped, clipped = ratio * a, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * a  # (B, R) each
     kl = k3_kl(logp, ref_logp) * mask  # (B, R)
-    per_token = -(surrogate - beta * kl) * mask  # (B, R)
+    per_token = -(torch.minimum(unclipped, clipped) - beta * kl) * mask  # (B, R)
     if length_norm:
         loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
     else:
         loss = per_token.sum() / mask.numel()
     with torch.no_grad():
-        clip_frac = masked_mean(((ratio - 1).abs() > clip).float(), mask)
-    return loss, clip_frac, masked_mean(kl, mask).detach()
+        clip_frac = masked_mean((clipped < unclipped).float(), mask)
+        approx_kl = masked_mean((ratio - 1) - log_ratio, mask)
+    return loss, clip_frac, approx_kl

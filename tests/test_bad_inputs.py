@@ -58,6 +58,12 @@ CASES = [
     ("ppo-temperature-0", "train_ppo.py", PPO + ["--temperature", 0], "--temperature must be > 0, got 0.0"),
     ("ppo-minibatch-over-batch", "train_ppo.py", PPO + ["--minibatch_size", 8],
      "--minibatch_size must be at most --batch_size 4, got 8"),
+    ("ppo-rloo-one-sample-per-prompt", "train_ppo.py", PPO + ["--estimator", "rloo"],
+     "--samples_per_prompt must be at least 2 with --estimator rloo (a baseline from the others), got 1"),
+    ("ppo-online-other-prompts", "train_ppo.py", PPO + ["--online_every", 1, "--data", "bad/other_prompts.jsonl"],
+     "--online_every labels with the built-in task's scripted labeler: bad/other_prompts.jsonl holds other prompts"),
+    ("ppo-online-rm-not-from-train-rm", "train_ppo.py", PPO + ["--online_every", 1],
+     "--online_every: out/rm.pt was not written by train_rm.py"),
     ("eval-best-of-0", "nanorlhf.evaluate", EVAL + ["--best_of", 0], "--best_of must be at least 1, got 0"),
     ("label-temperature-0", "nanorlhf.label", LABEL + ["--temperature", 0], "--temperature must be > 0, got 0.0"),
     ("sample-top-p", "nanorlhf.sample", SAMPLE + ["--top_p", 1.5], "--top_p must be in (0, 1], got 1.5"),
@@ -139,6 +145,7 @@ def world(workdir):
     demo = {"prompt": "Sort: 2 1\nAnswer:", "response": " 1 2"}
     (bad / "too_long.jsonl").write_text(json.dumps(demo) + "\n\n" + json.dumps(dict(demo, response=" 1" * 60)) + "\n")
     (bad / "empty_prompt.jsonl").write_text('{"prompt": "Sort: 2 1\\nAnswer:"}\n\n{"prompt": ""}\n')
+    (bad / "other_prompts.jsonl").write_text('{"prompt": "Human: hello"}\n')
     (bad / "unknown.jsonl").write_text('\n{"question": "q", "answer": "a"}\n')
     (bad / "hf_vocab").mkdir()  # a Hugging Face GPT-2 directory of another vocabulary: refused from its config
     (bad / "hf_vocab" / "config.json").write_text(json.dumps(dict(
@@ -201,12 +208,13 @@ BAD = {
                      eval_fraction=float("inf"), batch_size=-1, epochs=0, lr=-3e-4, warmup_iters=-1,
                      weight_decay=-1.0, grad_clip=-1.0, center_coef=-0.01, n_normalize=1, seed=-2 ** 63 - 1,
                      threads=-2, ckpt_interval=-1, sft="", out="out/rm", dtype="half", eval_data="x.jsonl",
-                     micro_batch_size=-1, sample_batch_size=0),
+                     micro_batch_size=-1, sample_batch_size=0, labels="best"),
     "train_ppo": dict(iters=0, batch_size=0, minibatch_size=0, ppo_epochs=0, lr=0.0, vf_lr=-1.0, temperature=0.0,
                       max_new_tokens=0, no_eos_penalty=float("nan"), init_kl_coef=-0.2, target_kl=0.0, kl_horizon=0,
                       gamma=1.5, lam=-0.1, cliprange=0.0, cliprange_value=-0.2, ent_coef=-0.01, ptx_coef=-0.1,
                       grad_clip=-1.0, eval_interval=0, eval_n=-1, seed=BIG_SEED, threads=-1, ckpt_interval=-10,
-                      sft="", rm="", out="out/ppo", prompts="", dtype="fp8", micro_batch_size=-1),
+                      sft="", rm="", out="out/ppo", prompts="", dtype="fp8", micro_batch_size=-1,
+                      samples_per_prompt=0, estimator="ppo", online_every=-1, online_prompts=0, online_rm_epochs=0),
     "evaluate": dict(n=0, best_of=0, temperature=0.0, max_new_tokens=0, no_eos_penalty=float("-inf"), seed=BIG_SEED,
                      out="out/eval.json", prompts=""),
     "label": dict(k=1, max_new_tokens=0, temperature=0.0, top_k=-1, top_p=0.0, seed=BIG_SEED, threads=-1, out=""),
@@ -222,6 +230,10 @@ RELATIONS = [  # (config, fields, the flag the message names)
     ("train_rm", dict(unit_std=False, n_normalize=0), "--n_normalize must be at least 1"),
     ("train_ppo", dict(batch_size=4, minibatch_size=8), "--minibatch_size must be at most --batch_size 4"),
     ("train_ppo", dict(ptx_coef=0.1, ptx_data=""), "--ptx_data must name a file"),
+    ("train_ppo", dict(estimator="grpo", samples_per_prompt=1), "--samples_per_prompt must be at least 2 with "
+                                                                 "--estimator grpo"),
+    ("train_ppo", dict(online_every=5, fsdp=True), "--online_every trains the RM unsharded: leave out --fsdp"),
+    ("train_ppo", dict(batch_size=6, samples_per_prompt=4), "--batch_size must be a multiple of --samples_per_prompt"),
     ("tasks", dict(n_train_prompts=300, n_eval_prompts=300, min_len=2, max_len=2), "--n_train_prompts + "),
 ]
 

@@ -198,3 +198,30 @@ def test_rm_on_best_of_k_choices(workdir, tmp_path, monkeypatch):
                     n_normalize=8, batch_size=4, epochs=1)
     rm.main(cfg)
     assert len(calls) == 2  # 8 choices in steps of 4
+
+
+def test_online_ppo_labels_the_policys_samples_and_trains_the_rm(workdir, rm_run, tmp_path):
+    """Ziegler et al.'s online collection: rounds at iterations 0 and 2 label 6 prompts x K samples of the policy,
+    append them to the labels so far, train the RM on them and renormalise it; the run's RM is saved with it."""
+    assert rm_run.returncode == 0, rm_run.stderr[-3000:]
+    out = tmp_path / "ppo.pt"
+    r = run("train_ppo.py", "--iters", 3, "--batch_size", 8, "--minibatch_size", 4, "--max_new_tokens", 6,
+            "--eval_n", 4, "--online_every", 2, "--online_prompts", 6, "--out", out, cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "online: 16 labels from" in r.stdout and "2 rounds of 6 prompts x K = 3" in r.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "ppo" / "metrics.jsonl")]
+    assert [row.get("online_labels") for row in rows] == [6, None, 12]
+    assert [row.get("labels") for row in rows if "labels" in row] == [22, 28]
+    labels = [json.loads(line) for line in open(tmp_path / "ppo" / "labels.jsonl")]
+    assert len(labels) == 12 and all(len(x["responses"]) == 3 for x in labels)
+    policy_prompts = {json.loads(line)["prompt"] for line in open(workdir / "data" / "prompts_train.jsonl")}
+    assert {x["prompt"] for x in labels} <= policy_prompts
+    ppo, rm = torch.load(out, weights_only=False), torch.load(workdir / "out" / "rm.pt", weights_only=False)
+    assert ppo["rm"].keys() == rm["model"].keys()
+    assert not torch.equal(ppo["rm"]["gpt.transformer.h.0.attn.c_attn.weight"],
+                           rm["model"]["gpt.transformer.h.0.attn.c_attn.weight"])  # the RM learned
+    # offline (the default) saves no RM and writes no labels
+    r = run("train_ppo.py", "--iters", 1, "--batch_size", 8, "--minibatch_size", 4, "--max_new_tokens", 6,
+            "--eval_n", 4, "--out", tmp_path / "off.pt", cwd=workdir)
+    assert r.returncode == 0 and "rm" not in torch.load(tmp_path / "off.pt", weights_only=False)
+    assert not (tmp_path / "off" / "labels.jsonl").exists()

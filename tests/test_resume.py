@@ -22,7 +22,7 @@ from nanorlhf.data import load_prompts, write_jsonl
 from nanorlhf.metrics import MetricsLog, read_metrics
 from nanorlhf.model import ScalarModel
 
-TIMES = {"time_s", "tokens_per_s", "t_rollout", "t_score", "t_update"}  # wall-clock figures differ run to run
+TIMES = {"time_s", "tokens_per_s", "t_rollout", "t_score", "t_update", "t_online"}  # wall-clock figures differ run to run
 
 
 def launch(script, args, cwd, log):
@@ -42,8 +42,8 @@ def without_times(x):
     return json.dumps([{k: v for k, v in r.items() if k not in TIMES} for r in x])
 
 
-def kill_resume_and_compare(script, args, cwd, total, model_keys=("model",)):
-    name = script[:-3]
+def kill_resume_and_compare(script, args, cwd, total, model_keys=("model",), name=None):
+    name = name or script[:-3]
     ref, cut = cwd / f"{name}_ref" / "out.pt", cwd / f"{name}_cut" / "out.pt"
     log = {run: cwd / f"{name}_{run}.log" for run in ("ref", "cut", "resume")}
     finish(launch(script, [*args, "--out", ref], cwd, log["ref"]), log["ref"])
@@ -106,6 +106,38 @@ def test_ppo_killed_and_resumed_with_data_from_hh_rlhf(workdir):
             "--max_new_tokens", 6, "--eval_interval", 5, "--eval_n", 4, "--ptx_coef", 0.1, "--ckpt_interval", 3]
     a, b, out = kill_resume_and_compare("train_ppo.py", args, workdir, total=9, model_keys=("model", "value"))
     assert a["beta"] == b["beta"] != 0.2 and "PPO: 10 prompts" in out
+
+
+def test_rloo_killed_and_resumed_without_a_value_function(workdir):
+    torch.manual_seed(1)
+    checkpoint.save(workdir / "out" / "rm.pt", ScalarModel(TINY), kind="rm")
+    # The critic-free path: 2 prompts x k = 2 responses per iteration, the KL in RLOO's reward, beta adapting.
+    args = ["--estimator", "rloo", "--samples_per_prompt", 2, "--iters", 9, "--batch_size", 4, "--minibatch_size", 2,
+            "--ppo_epochs", 2, "--max_new_tokens", 6, "--eval_interval", 5, "--eval_n", 4, "--ptx_coef", 0.1,
+            "--ckpt_interval", 3]
+    a, b, out = kill_resume_and_compare("train_ppo.py", args, workdir, total=9, name="rloo")
+    assert "value" not in a and "value" not in b  # nothing of a value function saved, mid-run or at the end
+    assert a["beta"] == b["beta"] != 0.2 and "(rloo)" in out
+    assert not {"vf_loss", "explained_var"} & set(a["history"][-1])
+
+
+def test_online_ppo_killed_and_resumed_across_rm_updates(workdir):
+    """Online collection: the RM, its optimizer, the labels so far and online's random streams are in the mid-run
+    checkpoint; killed after iteration 3 and resumed, rounds at iterations 3 and 6 label and train as they would."""
+    rm = workdir / "rm_online" / "rm.pt"
+    rm_args = ["--n_prompts", 8, "--n_eval", 4, "--k", 3, "--max_new_tokens", 6, "--n_normalize", 4, "--batch_size", 4,
+               "--epochs", 1, "--out", rm]
+    r = subprocess.run([sys.executable, str(ROOT / "train_rm.py"), *map(str, rm_args)],
+                       cwd=workdir, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    args = ["--rm", rm, "--iters", 9, "--batch_size", 4, "--minibatch_size", 2, "--ppo_epochs", 2,
+            "--max_new_tokens", 6, "--eval_interval", 5, "--eval_n", 4, "--ckpt_interval", 3, "--online_every", 3,
+            "--online_prompts", 4]
+    a, b, out = kill_resume_and_compare("train_ppo.py", args, workdir, total=9, model_keys=("model", "value", "rm"),
+                                        name="online")
+    assert [h.get("online_labels") for h in a["history"] if "online_labels" in h] == [4, 8, 12]
+    labels = [(workdir / f"online_{run}" / "out" / "labels.jsonl").read_text() for run in ("ref", "cut")]
+    assert labels[0] == labels[1] and labels[0].count("\n") == 12
 
 
 @pytest.mark.parametrize("script", ["train_sft", "train_rm", "train_ppo"])

@@ -1,0 +1,174 @@
+"""Online data collection (Ziegler et al. 2019, §2.3): the labelers keep labelling samples of the *current* policy
+while RL runs, and the reward model keeps training on every label so far.
+
+Why. Offline, the RM learns from samples of the SFT model only. PPO then moves to responses the RM has never been
+shown side by side (near misses of the right answer, here), where its order of close pairs is little better than a
+coin: it is optimised against exactly where it is weakest. Online, each round of labels is drawn from where the
+policy is now, so the RM's data follows the policy.
+
+The schedule (train_ppo.py --online_every N): before iterations 0, N, 2N, ... of PPO,
+  1. sample K responses for M prompts from the current policy (K, the labeler and its noise as train_rm.py's run),
+  2. have the labeler rank them (or pick the best of K), and add them to the labels so far,
+  3. train the RM for S steps on batches drawn from all labels so far (the offline ones included), with the loss
+     and learning rate of its train_rm.py run (ranking_loss or choice_loss),
+  4. normalise it again so that the SFT samples it was normalised on keep mean 0 and std 1 (the KL coefficient and
+     the no-end penalty keep their meaning as the RM changes).
+The value function is not reset: it keeps learning the returns of the RM as it moves.
+
+Step 3 trains on the round's new labels and as many earlier ones drawn at random (the offline ones included), for
+--online_rm_epochs passes, with the RM run's batch size, loss and clip and a third of its peak learning rate (a
+fresh AdamW): drawn uniformly from all labels, the new ones would be a few per cent of every batch. The labeler is the built-in task's scripted one (nanorlhf/tasks.py), so online mode
+takes the built-in task's prompts; a person would label the same records (README "Data formats") with
+`python -m nanorlhf.label`. Label budget: the RM run's labels plus rounds x online_prompts, printed at each round.
+"""
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from nanorlhf import checkpoint, dist, reward, tasks
+from nanorlhf.config import UserError
+from nanorlhf.data import load_preferences, load_prompts, preference_kind, write_jsonl
+from nanorlhf.optim import adamw
+from nanorlhf.rollout import as_response, sample_responses
+
+
+def sample_and_label(policy, prompts, k, noise, temperature, max_new_tokens, rng, generator, batch_size=128,
+                     choose=False):
+    """Sample k responses per prompt and have the scripted labeler rank them: [{"prompt", "responses"}], best first;
+    choose: pick the best only, [{"prompt", "responses", "best"}] (the same labeler: P(best) = softmax(gold/noise))."""
+    flat = [p for p in prompts for _ in range(k)]
+    samples = sample_responses(policy, flat, max_new_tokens, temperature, batch_size, generator)
+    records = []
+    for i, prompt in enumerate(prompts):
+        # A response that never ended is shown to the labeler as it is (it scores as what it says).
+        responses = [as_response(text, ended) for text, ended in samples[i * k:(i + 1) * k]]
+        order = tasks.rank(prompt, responses, rng, noise)
+        records.append({"prompt": prompt, "responses": responses, "best": order[0]} if choose else
+                       {"prompt": prompt, "responses": [responses[j] for j in order]})
+    return records
+
+
+def as_group(record):
+    """A labelled record as the RM's (prompt, responses best first) group, as data.load_preferences reads it."""
+    rs = record["responses"]
+    if "best" in record:
+        rs = [rs[record["best"]]] + [r for j, r in enumerate(rs) if j != record["best"]]
+    return record["prompt"], rs
+
+
+def train_rm_steps(rm, optimizer, groups, steps, batch_size, rng, device, amp, choice=False, center_coef=0.0,
+                   grad_clip=1.0):
+    """S steps of the RM's loss on batches of groups with the same K, drawn from every label so far; returns the
+    mean loss. Every process takes the same steps on the same batches (the same rng): the RM stays one model."""
+    rm.train()
+    plan, total = [], 0.0
+    for _ in range(steps):
+        if not plan:
+            plan = reward.batches(list(groups), batch_size, rng)
+        batch = plan.pop()
+        with amp():
+            scores, ids = reward.group_scores(rm, batch, rm.config.block_size, device)  # (G*K,) each
+        loss = (reward.choice_loss if choice else reward.ranking_loss)(scores, len(batch[0][1]), center_coef, ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if dist.world_size() > 1:  # identical already; the mean keeps rounding from setting the copies apart
+            for p in rm.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(dist.all_reduce_sum(p.grad) / dist.world_size())
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(rm.parameters(), grad_clip)
+        optimizer.step()
+        total += loss.item()
+    rm.eval()
+    return total / max(steps, 1)
+
+
+@torch.no_grad()
+def renormalise(rm, prompts, responses):
+    """Fold into the head the gain and bias that give these (prompt, response) pairs mean 0 and std 1 again (the
+    SFT samples that end, on which train_rm.py normalised the RM: Ziegler et al.'s normalisation)."""
+    scores = reward.score_texts(rm, prompts, responses)
+    reward.normalise_head(rm, scores.mean().item(), 1.0 / max(scores.std().item(), 1e-8))
+
+
+def start(cfg, rm, ref, device, amp):
+    """What the rounds need, as train_rm.py left it (its checkpoint's train_config): its labels (the file it trained
+    on, or rankings_train.jsonl beside the RM for the built-in labeler's), K, the labeler's noise and kind, the loss,
+    batch size, learning rate and clip; and the SFT samples that end, on which the score is normalised each round.
+    cfg: train_ppo.py's Config (rm, prompts or data, online_*, seed, max_new_tokens, temperature)."""
+    prompts = load_prompts(cfg.data or cfg.prompts)
+    if not all(tasks.is_task_prompt(p) for p in prompts):
+        raise UserError(f"--online_every labels with the built-in task's scripted labeler: "
+                        f"{cfg.data or cfg.prompts} holds other prompts")
+    tc = checkpoint.load(cfg.rm, made_by="train_rm.py", kind="rm").get("train_config")
+    if not tc:
+        raise UserError(f"--online_every: {cfg.rm} was not written by train_rm.py (its settings and labels are "
+                        f"where online training goes on from)")
+    path = Path(tc["data"]) if tc.get("data") else Path(cfg.rm).parent / "rankings_train.jsonl"
+    if not path.exists():
+        raise UserError(f"--online_every: the RM's labels {path} are missing (online training goes on from them)")
+    groups = load_preferences(path)
+    rng = random.Random(cfg.seed + 1)  # online's own streams: PPO's draws stay those of an offline run
+    generator = torch.Generator(device=device).manual_seed(cfg.seed + 1 + 1000 * dist.rank())
+    norm_prompts = [p for p, _ in groups][:tc["n_normalize"]]
+    with amp():
+        samples = sample_responses(ref, norm_prompts, cfg.max_new_tokens, cfg.temperature, 128,
+                                   torch.Generator(device=device).manual_seed(cfg.seed + 2))
+    norm = [(p, as_response(t, e)) for p, (t, e) in zip(norm_prompts, samples) if e] or [
+        (p, as_response(t, e)) for p, (t, e) in zip(norm_prompts, samples)]
+    rounds = -(-cfg.iters // cfg.online_every)
+    dist.print0(f"online: {len(groups)} labels from {path}, then {rounds} rounds of {cfg.online_prompts} prompts x "
+                f"K = {tc['k']} (iterations 0, {cfg.online_every}, ...): {len(groups) + rounds * cfg.online_prompts} "
+                f"labels in all")
+    return dict(groups=groups, n_offline=len(groups), records=[], prompts=prompts, rng=rng, generator=generator,
+                choice=preference_kind(path) == "choice", tc=tc, norm=norm, device=device,
+                optimizer=adamw(rm, tc["lr"] / 3, betas=(0.9, 0.95)))
+
+
+def run_round(state, cfg, policy, rm, amp):
+    """One round (steps 1-4 of the module's docstring). Returns figures for the metrics log."""
+    t0 = time.time()
+    tc, rng = state["tc"], state["rng"]
+    prompts = rng.sample(state["prompts"], min(cfg.online_prompts, len(state["prompts"])))  # the same in every process
+    with amp():
+        records = sample_and_label(policy, dist.shard(prompts), tc["k"], tc["label_noise"], cfg.temperature,
+                                   cfg.max_new_tokens, rng, state["generator"], 128,
+                                   state["choice"] or tc.get("labels") == "choose")
+    records = [r for part in dist.all_gather_objects(records) for r in part]  # every process's, in rank order
+    new = [as_group(r) for r in records]
+    old = rng.sample(state["groups"], min(len(new), len(state["groups"])))  # as many earlier labels, replayed
+    state["records"] += records
+    state["groups"] += new
+    loss = train_rm_steps(rm, state["optimizer"], new + old, cfg.online_rm_epochs * -(-len(new + old) //
+                                                                                      tc["batch_size"]),
+                          tc["batch_size"], rng, state["device"], amp, state["choice"], tc["center_coef"],
+                          tc["grad_clip"])
+    with amp():
+        renormalise(rm, [p for p, _ in state["norm"]], [r for _, r in state["norm"]])
+    return dict(labels=len(state["groups"]), online_labels=len(state["records"]), rm_loss=loss,
+                t_online=time.time() - t0)
+
+
+def state_dict(state, rm):
+    """What a resumed run needs to go on as an uninterrupted one would: the RM, its optimizer, the new labels and
+    online's random streams."""
+    return dict(rm=rm.state_dict(), optimizer=state["optimizer"].state_dict(), records=state["records"],
+                rng=state["rng"].getstate(), generator=dist.all_gather_objects(state["generator"].get_state()))
+
+
+def load_state_dict(state, rm, saved):
+    rm.load_state_dict(saved["rm"])
+    state["optimizer"].load_state_dict(saved["optimizer"])
+    state["records"] = list(saved["records"])
+    state["groups"] += [as_group(r) for r in saved["records"]]
+    state["rng"].setstate(saved["rng"])
+    state["generator"].set_state(saved["generator"][dist.rank()])
+
+
+def write_labels(state, out):
+    """This run's new labels, beside its metrics (out/ppo.pt -> out/ppo/labels.jsonl): the records a person would
+    have written with nanorlhf.label."""
+    write_jsonl(Path(out).with_suffix("") / "labels.jsonl", state["records"])
