@@ -84,6 +84,9 @@ class Config:
     """RM score of a response without <|endoftext|>"""
     out: str = "out/compare"
     """folder of the runs, the table and the plot"""
+    include: str = ""
+    """table.json files of earlier comparisons from the same SFT model, RM, prompts and seed (comma-separated): their
+    points join this table and plot (e.g. more betas for one method)"""
     seed: int = 1234
     """evaluation sampling seed"""
 
@@ -234,7 +237,12 @@ def main(cfg: Config):
     rm.load_state_dict(rm_ckpt["model"])
     out.mkdir(parents=True, exist_ok=True)
 
-    rows = best_of_n_points(cfg, sft, rm, prompts, device)
+    rows = best_of_n_points(cfg, sft, rm, prompts, device) if numbers(cfg, "bon") else []
+    for path in (p.strip() for p in cfg.include.split(",") if p.strip()):
+        try:
+            rows += json.loads(Path(path).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"--include {path}: not a table.json of nanorlhf.compare ({e})") from None
     runs = []  # (method, script, kind, checkpoint name, setting, flags)
     for e in estimators(cfg):
         k = 1 if e == "gae" else cfg.samples_per_prompt

@@ -46,6 +46,15 @@ def test_compare_end_to_end(workdir, tmp_path):
     assert "value" in torch.load(tmp_path / "cmp" / "ppo_beta0.1.pt", weights_only=False)
     assert "value" not in torch.load(tmp_path / "cmp" / "rloo_beta0.1.pt", weights_only=False)
     assert (tmp_path / "cmp" / "frontier.png").stat().st_size > 0
+    # a second comparison (one more PPO beta) with the first one's points: one table and plot of all seven
+    r = run("nanorlhf.compare", "--rm", tmp_path / "rm.pt", "--rankings", tmp_path / "rankings.jsonl", "--n", 6,
+            "--bon", "", "--ppo_betas", "0.5", "--dpo_betas", "", "--rl_estimators", "gae", "--max_new_tokens", 4,
+            "--ppo_args", "--iters 1 --batch_size 4 --minibatch_size 2 --eval_n 0",
+            "--include", tmp_path / "cmp" / "table.json", "--out", tmp_path / "more", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    more = json.loads((tmp_path / "more" / "table.json").read_text())
+    assert more[:6] == rows and [(x["method"], x["setting"]) for x in more[6:]] == [("PPO", "β = 0.5")]
+    assert "| PPO | β = 0.5 |" in (tmp_path / "more" / "table.md").read_text()
 
 
 def test_the_budget_line_says_when_rl_runs_sampled_unequally():

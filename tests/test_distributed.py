@@ -237,6 +237,22 @@ def test_fewer_prompts_than_a_global_batch_are_refused(workdir, tmp_path):
                           f"--batch_size 2): lower --batch_size") == 2, r.stderr[-3000:]
 
 
+def test_fewer_demonstrations_than_a_global_batch_are_refused(workdir, tmp_path):
+    """SFT refuses it as PPO does: fewer examples than the processes would leave one with an empty shard (a crash);
+    one rule for both, stated in the global batch the user sets."""
+    (tmp_path / "four.jsonl").write_text("".join(json.dumps({"prompt": f"Sort: {i} 1\nAnswer:", "response": " 1"})
+                                                 + "\n" for i in range(4)))  # 1 held out for validation, 3 left
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train_sft.py"), "--data", tmp_path / "four.jsonl", "--batch_size", 2, "--max_iters", 1,
+           "--n_layer", 1, "--n_head", 2, "--n_embd", 16, "--block_size", 48, "--eval_prompts", "",
+           "--out", tmp_path / "sft.pt"]
+    r = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, cwd=workdir, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert r.returncode != 0 and not (tmp_path / "sft.pt").exists()
+    assert r.stderr.count(f"error: {tmp_path / 'four.jsonl'}: 3 training demonstrations, fewer than one global batch "
+                          f"(2 processes x --batch_size 2): lower --batch_size") == 2, r.stderr[-3000:]
+
+
 def test_collectives_wait_long_enough_for_rank_0_alone(monkeypatch):
     """Rank 0 evaluates and saves while the others wait at their next collective: the process group's timeout is
     NANORLHF_DIST_TIMEOUT minutes (default 120; nccl's own is 10), not the backend's default."""
