@@ -159,6 +159,9 @@ class Config:
         require(not (self.online_every and self.fsdp), "--online_every trains the RM unsharded: leave out --fsdp")
         require(self.estimator == "gae" or self.samples_per_prompt >= 2, f"--samples_per_prompt must be at least 2 "
                 f"with --estimator {self.estimator} (a baseline from the others), got {self.samples_per_prompt}")
+        gae_only = [f for f in ("vf_lr", "value_embeddings", "gamma", "lam", "cliprange_value", "whiten_rewards")
+                    if getattr(self, f) != getattr(type(self), f) and self.estimator != "gae"]  # V's, GAE's settings
+        require(not gae_only, f"--{(gae_only or [''])[0]} is GAE's: --estimator {self.estimator} has no value function")
         require(self.batch_size % self.samples_per_prompt == 0, f"--batch_size must be a multiple of "
                 f"--samples_per_prompt {self.samples_per_prompt}, got {self.batch_size}")
         require(self.minibatch_size <= self.batch_size, f"--minibatch_size must be at most --batch_size "

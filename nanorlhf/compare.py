@@ -73,7 +73,8 @@ class Config:
     dpo_betas: str = "0.1,0.5"
     """DPO: betas, one run each ("" = no DPO)"""
     ppo_args: str = ""
-    """more flags for every train_ppo.py run (every estimator), as a shell would split them, e.g. "--iters 100" """
+    """more flags for every train_ppo.py run (every estimator: so no GAE-only flag such as --gamma with a critic-free
+    one), as a shell would split them, e.g. "--iters 100" """
     dpo_args: str = ""
     """more flags for every train_dpo.py run"""
     max_new_tokens: int = 16

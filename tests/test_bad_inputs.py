@@ -232,6 +232,8 @@ RELATIONS = [  # (config, fields, the flag the message names)
     ("train_ppo", dict(ptx_coef=0.1, ptx_data=""), "--ptx_data must name a file"),
     ("train_ppo", dict(estimator="grpo", samples_per_prompt=1), "--samples_per_prompt must be at least 2 with "
                                                                  "--estimator grpo"),
+    ("train_ppo", dict(estimator="rloo", samples_per_prompt=2, gamma=0.9), "--gamma is GAE's: --estimator rloo has no"),
+    ("train_ppo", dict(estimator="grpo", samples_per_prompt=2, whiten_rewards=True), "--whiten_rewards is GAE's"),
     ("train_ppo", dict(online_every=5, fsdp=True), "--online_every trains the RM unsharded: leave out --fsdp"),
     ("train_ppo", dict(batch_size=6, samples_per_prompt=4), "--batch_size must be a multiple of --samples_per_prompt"),
     ("tasks", dict(n_train_prompts=300, n_eval_prompts=300, min_len=2, max_len=2), "--n_train_prompts + "),
