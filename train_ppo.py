@@ -225,10 +225,9 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
     policy, ref, rm, value = load_models(cfg, device)
     check_room(cfg.max_new_tokens, policy.config.block_size, cfg.sft)
     prompts = [encode(p) for p in load_prompts(cfg.data or cfg.prompts, cfg.keep_articles)]
-    if dist.world_size() > 1 and len(prompts) < n_prompts:  # shards of unequal size: unequal DDP steps, a hang
-        per = f" / --samples_per_prompt {cfg.samples_per_prompt}" if cfg.samples_per_prompt > 1 else ""
-        raise UserError(f"{cfg.data or cfg.prompts}: {len(prompts)} prompts, fewer than one global batch "
-                        f"({dist.world_size()} processes x --batch_size {cfg.batch_size}{per}): lower --batch_size")
+    per = f" / --samples_per_prompt {cfg.samples_per_prompt}" if cfg.samples_per_prompt > 1 else ""
+    dist.require_global_batch(len(prompts), n_prompts, "prompts", cfg.data or cfg.prompts,
+                              f"--batch_size {cfg.batch_size}{per}")  # fewer: unequal DDP steps, a hang
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
     # PPO-ptx's data: pretraining text (the LM loss on every token) or demonstrations (on their responses)
     ptx = encode_lm_data(cfg.ptx_data, policy.config.block_size) if cfg.ptx_coef > 0 else None

@@ -163,9 +163,8 @@ def train_sft(cfg: Config, staged: checkpoint.Staged):
     rng.shuffle(examples)
     n_val = max(1, int(cfg.val_fraction * len(examples))) if len(examples) > 1 else 0
     val, train = examples[:n_val], examples[n_val:]
-    if dist.world_size() > 1 and len(train) < cfg.batch_size * dist.world_size():  # as PPO: no shard left empty
-        raise UserError(f"{cfg.data}: {len(train)} training demonstrations, fewer than one global batch "
-                        f"({dist.world_size()} processes x --batch_size {cfg.batch_size}): lower --batch_size")
+    dist.require_global_batch(len(train), cfg.batch_size * dist.world_size(), "training demonstrations", cfg.data,
+                              f"--batch_size {cfg.batch_size}")
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []
     dist.print0(f"SFT: {len(train)} train / {len(val)} val demonstrations, GPT {model.num_params() / 1e6:.2f}M params "
           f"({model.config.n_layer} layers, {model.config.n_embd} wide), device {device}")

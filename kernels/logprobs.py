@@ -752,11 +752,7 @@ def _triton_head_backward(hidden, weight, targets, ref_hidden, ref_weight, stats
             if need_h:
                 dh_blk += _mm32(dz, w[c0:c1])  # dh += dz W_c, summed over column blocks in fp32
             if need_w:
-                blk = _mm32(dz.t(), h_blk)  # (cols, d) dW_c += dz^T h, summed over row blocks in fp32
-                if r0 == 0:
-                    dw[c0:c1] = blk
-                else:
-                    dw[c0:c1] += blk
+                _add_block(dw, c0, c1, r0 == 0, dz.t(), h_blk)  # dW_c += dz^T h, summed over row blocks in fp32
         if need_h:
             dh[r0:r1] = dh_blk
     return (dh.to(hidden.dtype) if need_h else None), (dw.to(weight.dtype) if need_w else None)
@@ -812,8 +808,14 @@ def _torch_head_backward(hidden, weight, targets, ref_hidden, ref_weight, stats,
 
 
 def _add_block(dw, c0, c1, first, a, b):
-    """dw[c0:c1] = a @ b on the first row block, += afterwards."""
-    if first:
+    """dw[c0:c1] = a @ b on the first row block, += afterwards; dw may be fp32 for low-precision a, b (`_mm32`)."""
+    if a.dtype != dw.dtype:
+        blk = _mm32(a, b)  # (c1 - c0, d) fp32
+        if first:
+            dw[c0:c1] = blk
+        else:
+            dw[c0:c1] += blk
+    elif first:
         torch.mm(a, b, out=dw[c0:c1])
     else:
         dw[c0:c1].addmm_(a, b)

@@ -100,6 +100,15 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs)
 
 
+def require_global_batch(n_items, needed, what, path, batch):
+    """Refuse data too small for one global batch under torchrun, in one line naming the file: shards of unequal
+    size give the processes different numbers of steps (DDP hangs), and one left empty crashes. batch: the flags
+    that make the global batch, as the message shows them ("--batch_size 8")."""
+    if world_size() > 1 and n_items < needed:
+        raise UserError(f"{path}: {n_items} {what}, fewer than one global batch ({world_size()} processes x "
+                        f"{batch}): lower --batch_size")
+
+
 def shard(items):
     """This process's contiguous slice of a global batch (a list or a tensor's first dimension): with world size W
     and W * B items, rank r gets items r * B .. (r + 1) * B - 1, what a 1-process run with the whole batch sees at

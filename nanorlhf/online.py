@@ -22,6 +22,7 @@ takes the built-in task's prompts; a person would label the same records (README
 `python -m nanorlhf.label`. Label budget: the RM run's labels plus rounds x online_prompts, printed at each round.
 """
 
+import math
 import random
 import time
 from pathlib import Path
@@ -119,11 +120,11 @@ def start(cfg, rm, ref, device, amp):
                                    torch.Generator(device=device).manual_seed(cfg.seed + 2))
     norm = [(p, as_response(t, e)) for p, (t, e) in zip(norm_prompts, samples) if e] or [
         (p, as_response(t, e)) for p, (t, e) in zip(norm_prompts, samples)]
-    rounds = -(-cfg.iters // cfg.online_every)
+    rounds = math.ceil(cfg.iters / cfg.online_every)
     dist.print0(f"online: {len(groups)} labels from {path}, then {rounds} rounds of {cfg.online_prompts} prompts x "
                 f"K = {tc['k']} (iterations 0, {cfg.online_every}, ...): {len(groups) + rounds * cfg.online_prompts} "
                 f"labels in all")
-    return dict(groups=groups, n_offline=len(groups), records=[], prompts=prompts, rng=rng, generator=generator,
+    return dict(groups=groups, records=[], prompts=prompts, rng=rng, generator=generator,
                 choice=preference_kind(path) == "choice", tc=tc, norm=norm, device=device,
                 optimizer=adamw(rm, tc["lr"] / 3, betas=(0.9, 0.95)))
 
@@ -142,10 +143,9 @@ def run_round(state, cfg, policy, rm, amp):
     old = rng.sample(state["groups"], min(len(new), len(state["groups"])))  # as many earlier labels, replayed
     state["records"] += records
     state["groups"] += new
-    loss = train_rm_steps(rm, state["optimizer"], new + old, cfg.online_rm_epochs * -(-len(new + old) //
-                                                                                      tc["batch_size"]),
-                          tc["batch_size"], rng, state["device"], amp, state["choice"], tc["center_coef"],
-                          tc["grad_clip"])
+    steps = cfg.online_rm_epochs * math.ceil(len(new + old) / tc["batch_size"])
+    loss = train_rm_steps(rm, state["optimizer"], new + old, steps, tc["batch_size"], rng, state["device"], amp,
+                          state["choice"], tc["center_coef"], tc["grad_clip"])
     with amp():
         renormalise(rm, [p for p, _ in state["norm"]], [r for _, r in state["norm"]])
     return dict(labels=len(state["groups"]), online_labels=len(state["records"]), rm_loss=loss,
