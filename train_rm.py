@@ -31,10 +31,10 @@ from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint
 from nanorlhf.data import load_demonstrations, load_preferences, load_prompts, preference_kind, write_jsonl
 from nanorlhf.metrics import MetricsLog
 from nanorlhf.model import GPT, ScalarModel
-from nanorlhf.online import sample_and_label
+from nanorlhf.online import sample_and_label, scored_pairs
 from nanorlhf.optim import adamw, lr_at, set_lr
 from nanorlhf.reward import accuracy, batches, choice_loss, group_scores, normalise_head, ranking_loss, score_texts
-from nanorlhf.rollout import as_response, sample_responses
+from nanorlhf.rollout import sample_responses
 
 
 @dataclass
@@ -297,9 +297,7 @@ def train_rm(cfg: Config, staged: checkpoint.Staged):
             print(f"warning: {no_end:.0%} of the SFT samples did not end within --max_new_tokens "
                   f"{cfg.max_new_tokens}: raise it to fit the data's replies (and use the same in train_ppo.py)",
                   file=sys.stderr)
-        ended = [(p, as_response(t, e)) for p, (t, e) in zip(prompts, samples) if e]  # PPO scores the rest as
-        if len(ended) < 2:  # no_eos_penalty; with (next to) none ended, the warning above has said what to change
-            ended = [(p, as_response(t, e)) for p, (t, e) in zip(prompts, samples)]
+        ended = scored_pairs(prompts, samples)  # those that ended (with next to none, the warning above said so)
         rm.eval()
         sft_scores = score_texts(rm, [p for p, _ in ended], [r for _, r in ended])
         demo_scores = score_texts(rm, [p for p, _ in demos], [r for _, r in demos]) if demos else None

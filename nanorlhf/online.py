@@ -52,6 +52,15 @@ def sample_and_label(policy, prompts, k, noise, temperature, max_new_tokens, rng
     return records
 
 
+def scored_pairs(prompts, samples):
+    """The (prompt, response) pairs of sampled (text, ended) as PPO scores them with the RM: those that ended (PPO
+    gives the others no_eos_penalty), or all of them if fewer than 2 ended (a std needs two). The score's
+    normalisation is measured on these, by train_rm.py and after each online round."""
+    pairs = [(p, as_response(t, e)) for p, (t, e) in zip(prompts, samples)]
+    ended = [pair for pair, (_, e) in zip(pairs, samples) if e]
+    return ended if len(ended) >= 2 else pairs
+
+
 def as_group(record):
     """A labelled record as the RM's (prompt, responses best first) group, as data.load_preferences reads it."""
     rs = record["responses"]
@@ -118,8 +127,7 @@ def start(cfg, rm, ref, device, amp):
     with amp():
         samples = sample_responses(ref, norm_prompts, cfg.max_new_tokens, cfg.temperature, 128,
                                    torch.Generator(device=device).manual_seed(cfg.seed + 2))
-    norm = [(p, as_response(t, e)) for p, (t, e) in zip(norm_prompts, samples) if e] or [
-        (p, as_response(t, e)) for p, (t, e) in zip(norm_prompts, samples)]
+    norm = scored_pairs(norm_prompts, samples)
     rounds = math.ceil(cfg.iters / cfg.online_every)
     dist.print0(f"online: {len(groups)} labels from {path}, then {rounds} rounds of {cfg.online_prompts} prompts x "
                 f"K = {tc['k']} (iterations 0, {cfg.online_every}, ...): {len(groups) + rounds * cfg.online_prompts} "

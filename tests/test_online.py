@@ -65,3 +65,13 @@ def test_rm_steps_on_choices_use_the_softmax_loss(monkeypatch):
     online.train_rm_steps(rm, adamw(rm, 1e-3), groups, 3, 2, random.Random(0), "cpu", contextlib.nullcontext,
                           choice=True)
     assert len(used) == 3
+
+
+def test_the_normalisation_samples_are_those_ppo_scores():
+    """Samples that ended (PPO gives the rest its no-end penalty); all of them if fewer than 2 ended, since one
+    score has no std (a single ended sample would have made the online renormalisation NaN)."""
+    prompts = ["a", "b", "c"]
+    assert online.scored_pairs(prompts, [(" 1", True), (" 2", False), (" 3", True)]) == [
+        ("a", " 1<|endoftext|>"), ("c", " 3<|endoftext|>")]
+    assert online.scored_pairs(prompts, [(" 1", True), (" 2", False), (" 3", False)]) == [
+        ("a", " 1<|endoftext|>"), ("b", " 2"), ("c", " 3")]
