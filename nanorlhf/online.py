@@ -11,8 +11,9 @@ The schedule (train_ppo.py --online_every N): before iterations 0, N, 2N, ... of
   2. have the labeler rank them (or pick the best of K), and add them to the labels so far,
   3. train the RM for S steps on batches drawn from all labels so far (the offline ones included), with the loss
      and learning rate of its train_rm.py run (ranking_loss or choice_loss),
-  4. normalise it again so that the SFT samples it was normalised on keep mean 0 and std 1 (the KL coefficient and
-     the no-end penalty keep their meaning as the RM changes).
+  4. normalise it again as train_rm.py did: the SFT samples it was normalised on get mean 0 and std 1 again (the
+     mean is the demonstrations' with its --norm_demos; no scaling without its --unit_std), so that the KL
+     coefficient and the no-end penalty keep their meaning as the RM changes.
 The value function is not reset: it keeps learning the returns of the RM as it moves.
 
 Step 3 trains on the round's new labels and as many earlier ones drawn at random (the offline ones included), for
@@ -31,7 +32,7 @@ import torch
 
 from nanorlhf import checkpoint, dist, reward, tasks
 from nanorlhf.config import UserError
-from nanorlhf.data import load_preferences, load_prompts, preference_kind, write_jsonl
+from nanorlhf.data import load_demonstrations, load_preferences, load_prompts, preference_kind, write_jsonl
 from nanorlhf.optim import adamw
 from nanorlhf.rollout import as_response, sample_responses
 
@@ -97,11 +98,13 @@ def train_rm_steps(rm, optimizer, groups, steps, batch_size, rng, device, amp, c
 
 
 @torch.no_grad()
-def renormalise(rm, prompts, responses):
-    """Fold into the head the gain and bias that give these (prompt, response) pairs mean 0 and std 1 again (the
-    SFT samples that end, on which train_rm.py normalised the RM: Ziegler et al.'s normalisation)."""
-    scores = reward.score_texts(rm, prompts, responses)
-    reward.normalise_head(rm, scores.mean().item(), 1.0 / max(scores.std().item(), 1e-8))
+def renormalise(rm, norm, demos=None, unit_std=True):
+    """Normalise the RM again as train_rm.py did, on norm, the (prompt, response) SFT samples it was normalised on:
+    r -> (r - mean) * scale, folded into the head, with the mean of norm (Ziegler et al.) or of demos, the
+    demonstrations (train_rm.py --norm_demos, InstructGPT), and scale 1 / std of norm (or 1 without --unit_std)."""
+    scores = reward.score_texts(rm, [p for p, _ in norm], [r for _, r in norm])
+    mean = reward.score_texts(rm, [p for p, _ in demos], [r for _, r in demos]).mean() if demos else scores.mean()
+    reward.normalise_head(rm, mean.item(), 1.0 / max(scores.std().item(), 1e-8) if unit_std else 1.0)
 
 
 def start(cfg, rm, ref, device, amp):
@@ -128,12 +131,18 @@ def start(cfg, rm, ref, device, amp):
         samples = sample_responses(ref, norm_prompts, cfg.max_new_tokens, cfg.temperature, 128,
                                    torch.Generator(device=device).manual_seed(cfg.seed + 2))
     norm = scored_pairs(norm_prompts, samples)
+    demos = None
+    if tc.get("norm_demos"):
+        if not Path(tc["norm_demos"]).exists():
+            raise UserError(f"--online_every: the demonstrations the RM was normalised on ({tc['norm_demos']}, its "
+                            f"--norm_demos) are missing (each round normalises it again on them)")
+        demos = load_demonstrations(tc["norm_demos"])[:tc["n_normalize"]]
     rounds = math.ceil(cfg.iters / cfg.online_every)
     dist.print0(f"online: {len(groups)} labels from {path}, then {rounds} rounds of {cfg.online_prompts} prompts x "
                 f"K = {tc['k']} (iterations 0, {cfg.online_every}, ...): {len(groups) + rounds * cfg.online_prompts} "
                 f"labels in all")
     return dict(groups=groups, records=[], prompts=prompts, rng=rng, generator=generator,
-                choice=preference_kind(path) == "choice", tc=tc, norm=norm, device=device,
+                choice=preference_kind(path) == "choice", tc=tc, norm=norm, demos=demos, device=device,
                 optimizer=adamw(rm, tc["lr"] / 3, betas=(0.9, 0.95)))
 
 
@@ -155,7 +164,7 @@ def run_round(state, cfg, policy, rm, amp):
     loss = train_rm_steps(rm, state["optimizer"], new + old, steps, tc["batch_size"], rng, state["device"], amp,
                           state["choice"], tc["center_coef"], tc["grad_clip"])
     with amp():
-        renormalise(rm, [p for p, _ in state["norm"]], [r for _, r in state["norm"]])
+        renormalise(rm, state["norm"], state["demos"], tc.get("unit_std", True))
     return dict(labels=len(state["groups"]), online_labels=len(state["records"]), rm_loss=loss,
                 t_online=time.time() - t0)
 

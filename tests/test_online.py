@@ -47,10 +47,33 @@ def test_rm_steps_learn_the_labels_and_renormalise_restores_mean_0_std_1():
     after = accuracy(rm, groups)["acc_labels"][0]
     assert loss > 0 and after > 0.9 and after > before + 0.2
     prompts, responses = [p for p, _ in groups[:20]], [rs[1] for _, rs in groups[:20]]
-    online.renormalise(rm, prompts, responses)
+    online.renormalise(rm, list(zip(prompts, responses)))
     s = score_texts(rm, prompts, responses)
     assert abs(s.mean().item()) < 1e-4 and s.std().item() == pytest.approx(1.0, abs=1e-4)
     assert accuracy(rm, groups)["acc_labels"][0] == after  # a positive gain and a bias keep every order
+
+
+def test_renormalise_follows_the_rm_runs_norm_demos_and_unit_std():
+    """As train_rm.py normalised: with --norm_demos the demonstrations get mean 0 (the samples keep std 1); without
+    --unit_std the scale is left alone and only the mean moves."""
+    torch.manual_seed(0)
+    rm = ScalarModel(TINY)
+    with torch.no_grad():
+        rm.head.weight.mul_(50.0)  # a spread of scores far from std 1
+        rm.head.bias.fill_(3.0)
+    norm = [(f"Sort: {a} {b}\nAnswer:", f" {a} {b}<|endoftext|>") for a in range(5) for b in range(5)]
+    demos = [(f"Sort: {a} {b}\nAnswer:", f" {min(a, b)} {max(a, b)}<|endoftext|>") for a in range(5) for b in range(4)]
+    scores = lambda pairs: score_texts(rm, [p for p, _ in pairs], [r for _, r in pairs])  # noqa: E731
+    online.renormalise(rm, norm, demos)
+    assert abs(scores(demos).mean().item()) < 1e-4 and abs(scores(norm).mean().item()) > 1e-2
+    assert scores(norm).std().item() == pytest.approx(1.0, abs=1e-4)
+    with torch.no_grad():
+        rm.head.weight.mul_(7.0)
+        rm.head.bias.add_(2.0)
+    std_before = scores(norm).std().item()
+    online.renormalise(rm, norm, unit_std=False)
+    assert abs(scores(norm).mean().item()) < 1e-4
+    assert scores(norm).std().item() == pytest.approx(std_before, rel=1e-4)
 
 
 def test_rm_steps_on_choices_use_the_softmax_loss(monkeypatch):

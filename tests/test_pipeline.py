@@ -43,6 +43,14 @@ def test_rm_normalised_on_demonstrations_scores_them_mean_0(workdir, tmp_path):
     demos = load_demonstrations(workdir / "data" / "sft.jsonl")[:8]
     scores = score_texts(rm.eval(), [p for p, _ in demos], [x for _, x in demos])
     assert abs(scores.mean().item()) < 1e-4 and scores.std().item() > 0
+    # online PPO trains this RM further and normalises it again the same way: the demonstrations stay at mean 0
+    r = run("train_ppo.py", "--iters", 1, "--batch_size", 8, "--minibatch_size", 4, "--max_new_tokens", 6,
+            "--eval_n", 0, "--online_every", 1, "--online_prompts", 6, "--rm", tmp_path / "rm.pt",
+            "--out", tmp_path / "ppo.pt", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rm.load_state_dict(torch.load(tmp_path / "ppo.pt", weights_only=False)["rm"])
+    after = score_texts(rm.eval(), [p for p, _ in demos], [x for _, x in demos])
+    assert abs(after.mean().item()) < 1e-4 and not torch.allclose(after, scores, atol=1e-3)
 
 
 def test_train_ppo_and_evaluate(workdir, rm_run):
