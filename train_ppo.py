@@ -98,9 +98,11 @@ class Config:
     """online data collection (Ziegler et al. 2019; nanorlhf/online.py): every this many iterations, label samples of
     the policy and train the RM on them (0: offline, the RM frozen)"""
     online_prompts: int = 200
-    """online: prompts per round, each with K samples of the policy for the scripted labeler (K: the RM run's)"""
+    """online: prompts per round, each with K samples of the policy for the labeler (K: the RM run's)"""
     online_rm_epochs: int = 2
     """online: passes over a round's new labels and as many earlier ones"""
+    online_labeler: str = "scripted"
+    """online: who labels, scripted (the built-in task's) or person (python -m nanorlhf.label --queue out/ppo/queue)"""
     adaptive_kl: bool = True
     """adapt beta towards target_kl (Ziegler et al.'s controller); false keeps beta fixed"""
     target_kl: float = 1.0
@@ -156,6 +158,8 @@ class Config:
         one_of(self, "estimator", ("gae", "rloo", "grpo", "drgrpo"))
         at_least(self, 0, "online_every")
         at_least(self, 1, "online_prompts", "online_rm_epochs")
+        one_of(self, "online_labeler", ("scripted", "person"))
+        require(self.online_every or self.online_labeler == "scripted", "--online_labeler person needs --online_every")
         require(not (self.online_every and self.fsdp), "--online_every trains the RM unsharded: leave out --fsdp")
         require(self.estimator == "gae" or self.samples_per_prompt >= 2, f"--samples_per_prompt must be at least 2 "
                 f"with --estimator {self.estimator} (a baseline from the others), got {self.samples_per_prompt}")
@@ -290,7 +294,7 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                          for _ in range(cfg.samples_per_prompt)]  # each k = samples_per_prompt times in a row
         pos += n_prompts
         # 0. Online (every online_every iterations): label the policy's samples, train the RM on them, renormalise.
-        round_stats = online.run_round(lab, cfg, policy, rm, amp) if lab and it % cfg.online_every == 0 else {}
+        round_stats = online.run_round(lab, cfg, policy, rm, amp, it) if lab and it % cfg.online_every == 0 else {}
 
         # 1. Roll out: sample k responses per prompt from the policy (KV cache), at `temperature`. generate()
         #    records log pi_old(y_t) of each sampled token at that temperature: the same numbers a fresh forward

@@ -14,22 +14,34 @@ file with train_rm.py like any rankings file.
 
 Responses keep their "<|endoftext|>" when the model ended them; one cut off at --max_new_tokens is shown as such.
 Prompt i's responses come from seed + i, so the same prompt draws the same responses in every session.
+
+A person as the labeler of online PPO (train_ppo.py --online_every N --online_labeler person):
+
+    python -m nanorlhf.label --queue out/ppo/queue
+
+serves the run's queue instead of sampling (no model, no --ckpt or --prompts): it takes the oldest
+round_<iteration>.jsonl without a round_<iteration>.done, shows each record's responses, ranks them or, where the
+records say "choose": true, picks the best, and appends the answers to round_<iteration>.labels.jsonl as above
+(a new session goes on after them). Once every prompt of the round is answered or skipped it writes the .done, on
+which the run takes the labels and goes on; then it serves the next round, or waits for one. "q" stops in a round
+(no .done: the round stays open), Ctrl-C anywhere. The run's side is in nanorlhf/online.py.
 """
 
 import json
 import os
 import re
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nanorlhf.config import (at_least, check_room, check_writable, file_name, finite, in_range, positive, run,
-                             seed_range)
+from nanorlhf.config import (at_least, check_room, check_writable, file_name, finite, in_range, positive, require,
+                             run, seed_range)
 from nanorlhf.config import UserError
-from nanorlhf.data import load_preferences, load_prompts, preference_kind
+from nanorlhf.data import load_preferences, load_prompts, preference_kind, read_jsonl
 from nanorlhf.sample import END, load_policy, respond
 
 
@@ -59,9 +71,15 @@ class Config:
     """pick the best response only (Ziegler et al.'s choice of the best of K) instead of ranking them all"""
     threads: int = 0
     """torch CPU threads (0: torch's default)"""
+    queue: str = ""
+    """label the rounds of an online PPO run in this folder (out/ppo/queue), waiting for each, instead of sampling"""
 
     def __post_init__(self):  # ranges of the flags, checked whenever a Config is made (nanorlhf/config.py)
         finite(self)
+        unused = [f for f in ("ckpt", "prompts", "out", "k", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                              "choose") if self.queue and getattr(self, f) != getattr(type(self), f)]
+        require(not unused, f"--{(unused or [''])[0]} is not used with --queue: the run samples the responses and "
+                            f"says whether to rank them or choose the best")
         file_name(self, "ckpt", "prompts", "out")
         at_least(self, 2, "k")  # a ranking compares responses
         at_least(self, 1, "max_new_tokens")
@@ -143,7 +161,90 @@ def ask(k, choose=False):
         print(f"  ? {hint}")
 
 
+POLL_S = 2.0  # --queue: how often to look for the run's next round
+
+
+def label_prompts(out, prompts, responses_of, choose):
+    """Show each prompt of prompts not yet labelled in out with its responses (responses_of(i) for prompt i) and
+    append the answer to out at once. Returns False if the person quit before the end ("q"), else True."""
+    done = Counter()  # prompts already ranked, counted: a prompt listed twice is labeled twice
+    if out.exists() and out.read_bytes().strip():
+        kind = "choice" if choose else "ranking"
+        if preference_kind(out) != kind:
+            raise UserError(f"{out} holds {preference_kind(out)}s, and this session would add {kind}s: use another "
+                            f"--out or {'leave out' if choose else 'add'} --choose")
+        done.update(prompt for prompt, _ in load_preferences(out))
+    todo = sum((Counter(prompts) - done).values())
+    print(f"{sum(done.values())} rankings already in {out}; {todo} of {len(prompts)} prompts to go")
+    if todo == 0:
+        return True
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="replace")  # typed bytes that are not UTF-8 become U+FFFD: asked again
+    out.parent.mkdir(parents=True, exist_ok=True)
+    labeled, finished = 0, True
+    with open(out, "a") as f:
+        if out.stat().st_size and not out.read_bytes().endswith(b"\n"):  # a hand-edited file: keep records apart
+            f.write("\n")
+        for i, prompt in enumerate(prompts):
+            if done[prompt] > 0:
+                done[prompt] -= 1
+                continue
+            responses = responses_of(i)
+            if len(responses) < 2:
+                print(f"\nprompt {i + 1}: every sample was the same response; skipped")
+                continue
+            show(i, len(prompts), prompt, responses)
+            answer = ask(len(responses), choose)
+            if answer == "q":
+                finished = False
+                break
+            if answer == "s":
+                continue
+            record = ({"prompt": prompt, "responses": responses, "best": answer[0]} if choose
+                      else {"prompt": prompt, "responses": [responses[j] for j in answer]})
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # on disk now: a crash or a power cut keeps every ranking typed so far
+            labeled += 1
+    print(f"labeled {labeled} prompts this session; rankings are in {out}")
+    return finished
+
+
+def next_round(queue):
+    """The oldest round file of the queue without its .done, waiting for one (saying so once)."""
+    said = False
+    while True:
+        rounds = [p for p in queue.glob("round_*.jsonl") if re.fullmatch(r"round_\d+\.jsonl", p.name)]
+        rounds = sorted((p for p in rounds if not p.with_suffix(".done").exists()), key=lambda p: int(p.stem[6:]))
+        if rounds:
+            return rounds[0]
+        if not said:
+            print(f"\nwaiting for the run's next round in {queue} (Ctrl-C stops)", flush=True)
+            said = True
+        time.sleep(POLL_S)
+
+
+def serve_queue(cfg: Config):
+    """Label an online PPO run's rounds as they come (the module's docstring), until "q" or Ctrl-C."""
+    queue = Path(cfg.queue)
+    check_writable(queue, "--queue", directory=True)
+    try:
+        while True:
+            path = next_round(queue)
+            records = read_jsonl(path, {"prompt": str, "responses": list})
+            print(f"\n{path}: a round of {len(records)} prompts")
+            if not label_prompts(path.with_suffix(".labels.jsonl"), [r["prompt"] for r in records],
+                                 lambda i: records[i]["responses"], any(r.get("choose") for r in records)):
+                return  # quit mid-round: no .done, the next session goes on after the answers given
+            path.with_suffix(".done").touch()  # every prompt answered or skipped: the run may read the labels
+            print(f"{path.with_suffix('.done').name} written: the run goes on with these labels")
+    except KeyboardInterrupt:
+        print("\nstopped")
+
+
 def main(cfg: Config):
+    if cfg.queue:
+        return serve_queue(cfg)
     out = Path(cfg.out)
     check_writable(out, "--out")
     if cfg.threads:
@@ -152,45 +253,7 @@ def main(cfg: Config):
     model = load_policy(cfg.ckpt, device)
     check_room(cfg.max_new_tokens, model.config.block_size, cfg.ckpt)
     prompts = load_prompts(cfg.prompts)
-    done = Counter()  # prompts already ranked, counted: a prompt listed twice is labeled twice
-    if out.exists() and out.read_bytes().strip():
-        kind = "choice" if cfg.choose else "ranking"
-        if preference_kind(out) != kind:
-            raise UserError(f"{out} holds {preference_kind(out)}s, and this session would add {kind}s: use another "
-                            f"--out or {'leave out' if cfg.choose else 'add'} --choose")
-        done.update(prompt for prompt, _ in load_preferences(out))
-    todo = sum((Counter(prompts) - done).values())
-    print(f"{sum(done.values())} rankings already in {out}; {todo} of {len(prompts)} prompts to go")
-    if todo == 0:
-        return
-    if hasattr(sys.stdin, "reconfigure"):
-        sys.stdin.reconfigure(errors="replace")  # typed bytes that are not UTF-8 become U+FFFD: asked again
-    out.parent.mkdir(parents=True, exist_ok=True)
-    labeled = 0
-    with open(out, "a") as f:
-        if out.stat().st_size and not out.read_bytes().endswith(b"\n"):  # a hand-edited file: keep records apart
-            f.write("\n")
-        for i, prompt in enumerate(prompts):
-            if done[prompt] > 0:
-                done[prompt] -= 1
-                continue
-            responses = draw_responses(model, prompt, cfg, cfg.seed + i)
-            if len(responses) < 2:
-                print(f"\nprompt {i + 1}: every sample was the same response; skipped")
-                continue
-            show(i, len(prompts), prompt, responses)
-            answer = ask(len(responses), cfg.choose)
-            if answer == "q":
-                break
-            if answer == "s":
-                continue
-            record = ({"prompt": prompt, "responses": responses, "best": answer[0]} if cfg.choose
-                      else {"prompt": prompt, "responses": [responses[j] for j in answer]})
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())  # on disk now: a crash or a power cut keeps every ranking typed so far
-            labeled += 1
-    print(f"labeled {labeled} prompts this session; rankings are in {out}")
+    label_prompts(out, prompts, lambda i: draw_responses(model, prompts[i], cfg, cfg.seed + i), cfg.choose)
 
 
 if __name__ == "__main__":

@@ -64,6 +64,8 @@ CASES = [
      "--online_every labels with the built-in task's scripted labeler: bad/other_prompts.jsonl holds other prompts"),
     ("ppo-online-rm-not-from-train-rm", "train_ppo.py", PPO + ["--online_every", 1],
      "--online_every: out/rm.pt was not written by train_rm.py"),
+    ("ppo-online-person-earlier-queue", "train_ppo.py", PPO + ["--online_every", 1, "--online_labeler", "person"],
+     "--online_labeler person: out/ppo/queue holds the rounds of an earlier run"),
     ("eval-best-of-0", "nanorlhf.evaluate", EVAL + ["--best_of", 0], "--best_of must be at least 1, got 0"),
     ("label-temperature-0", "nanorlhf.label", LABEL + ["--temperature", 0], "--temperature must be > 0, got 0.0"),
     ("sample-top-p", "nanorlhf.sample", SAMPLE + ["--top_p", 1.5], "--top_p must be in (0, 1], got 1.5"),
@@ -133,6 +135,7 @@ def world(workdir):
         write_jsonl(d / path, [ranking])
     (d / "out" / "eval.md").write_text("| PPO | 0.800 ± 0.010 | +0.500 | 0.70 |\n")
     (d / "out" / "eval.json").write_text('{"gain": 0.15}\n')
+    write_jsonl(d / "out" / "ppo" / "queue" / "round_00000.jsonl", [dict(ranking, choose=False)])  # a person's round
 
     bad = d / "bad"
     bad.mkdir()
@@ -214,7 +217,8 @@ BAD = {
                       gamma=1.5, lam=-0.1, cliprange=0.0, cliprange_value=-0.2, ent_coef=-0.01, ptx_coef=-0.1,
                       grad_clip=-1.0, eval_interval=0, eval_n=-1, seed=BIG_SEED, threads=-1, ckpt_interval=-10,
                       sft="", rm="", out="out/ppo", prompts="", dtype="fp8", micro_batch_size=-1,
-                      samples_per_prompt=0, estimator="ppo", online_every=-1, online_prompts=0, online_rm_epochs=0),
+                      samples_per_prompt=0, estimator="ppo", online_every=-1, online_prompts=0, online_rm_epochs=0,
+                      online_labeler="crowd"),
     "evaluate": dict(n=0, best_of=0, temperature=0.0, max_new_tokens=0, no_eos_penalty=float("-inf"), seed=BIG_SEED,
                      out="out/eval.json", prompts=""),
     "label": dict(k=1, max_new_tokens=0, temperature=0.0, top_k=-1, top_p=0.0, seed=BIG_SEED, threads=-1, out=""),
@@ -235,6 +239,9 @@ RELATIONS = [  # (config, fields, the flag the message names)
     ("train_ppo", dict(estimator="rloo", samples_per_prompt=2, gamma=0.9), "--gamma is GAE's: --estimator rloo has no"),
     ("train_ppo", dict(estimator="grpo", samples_per_prompt=2, whiten_rewards=True), "--whiten_rewards is GAE's"),
     ("train_ppo", dict(online_every=5, fsdp=True), "--online_every trains the RM unsharded: leave out --fsdp"),
+    ("train_ppo", dict(online_labeler="person"), "--online_labeler person needs --online_every"),
+    ("label", dict(queue="out/ppo/queue", choose=True), "--choose is not used with --queue: the run samples"),
+    ("label", dict(queue="out/ppo/queue", k=8), "--k is not used with --queue"),
     ("train_ppo", dict(batch_size=6, samples_per_prompt=4), "--batch_size must be a multiple of --samples_per_prompt"),
     ("tasks", dict(n_train_prompts=300, n_eval_prompts=300, min_len=2, max_len=2), "--n_train_prompts + "),
 ]

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -136,3 +137,73 @@ def test_choose_mode_writes_the_best_of_k(tmp_path, ckpt, monkeypatch, capsys, o
     assert label.parse_choice("4", 4) == 3 and label.parse_choice("0", 4) is None
     with pytest.raises(UserError, match="holds choices, and this session would add rankings"):
         label.main(label.Config(ckpt=str(ckpt), prompts=str(tmp_path / "prompts.jsonl"), out=str(out), **ARGS))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# --queue: a person as the labeler of an online PPO run (train_ppo.py --online_labeler person, nanorlhf/online.py)
+
+ROUND = [{"prompt": "Sort: 2 1\nAnswer:", "responses": [" 1 2<|endoftext|>", " 2 1<|endoftext|>", " 1"]},
+         {"prompt": "Largest: 4 8\nAnswer:", "responses": [" 4<|endoftext|>", " 8<|endoftext|>"]}]
+
+
+def make_round(queue, it, records=ROUND, choose=False):
+    write_jsonl(queue / f"round_{it:05d}.jsonl", [dict(r, choose=choose) for r in records])
+
+
+def ctrl_c(seconds):
+    raise KeyboardInterrupt  # the person stops the labeler while it waits for the next round
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_the_queue_is_served_oldest_open_round_first_then_it_waits(tmp_path, monkeypatch, capsys):
+    queue = tmp_path / "queue"
+    make_round(queue, 0)
+    (queue / "round_00000.done").touch()  # finished earlier: not shown again
+    make_round(queue, 10, ROUND[1:])
+    make_round(queue, 5)
+    monkeypatch.setattr(label, "load_policy", lambda *a, **k: pytest.fail("the queue needs no model"))
+    monkeypatch.setattr(label, "time", SimpleNamespace(sleep=ctrl_c))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n3 1 2\ns\n2 1\n"))  # round 5: a bad answer, a ranking,
+    label.main(label.Config(queue=str(queue)))                               # a skip; round 10: a ranking
+    out = capsys.readouterr().out
+    assert out.index("round_00005.jsonl: a round of 2 prompts") < out.index("round_00010.jsonl: a round of 1")
+    assert out.count("rank all 3 responses, best first") == 1 and out.count("waiting for the run's next round") == 1
+    assert out.rstrip().endswith("stopped")
+    rs = ROUND[0]["responses"]
+    assert read(queue / "round_00005.labels.jsonl") == [{"prompt": ROUND[0]["prompt"],
+                                                         "responses": [rs[2], rs[0], rs[1]]}]
+    assert read(queue / "round_00010.labels.jsonl") == [{"prompt": ROUND[1]["prompt"],
+                                                         "responses": ROUND[1]["responses"][::-1]}]
+    assert (queue / "round_00005.done").exists() and (queue / "round_00010.done").exists()  # skipped counts as done
+    assert not (queue / "round_00000.labels.jsonl").exists()
+
+
+def test_quitting_mid_round_leaves_it_open_and_the_next_session_goes_on(tmp_path, monkeypatch, capsys):
+    queue = tmp_path / "queue"
+    make_round(queue, 3)
+    cmd = [sys.executable, "-m", "nanorlhf.label", "--queue", str(queue)]
+    r = subprocess.run(cmd, input="1 3 2\nq\n", capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))  # no --ckpt, none here
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(read(queue / "round_00003.labels.jsonl")) == 1 and not (queue / "round_00003.done").exists()
+    monkeypatch.setattr(label, "time", SimpleNamespace(sleep=ctrl_c))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("12\n"))
+    label.main(label.Config(queue=str(queue)))
+    out = capsys.readouterr().out
+    assert "1 rankings already in" in out and "prompt 1 of 2" not in out and "prompt 2 of 2" in out
+    assert [x["prompt"] for x in read(queue / "round_00003.labels.jsonl")] == [x["prompt"] for x in ROUND]
+    assert (queue / "round_00003.done").exists()
+
+
+def test_a_round_that_asks_for_choices_gets_the_best_of_each(tmp_path, monkeypatch, capsys):
+    queue = tmp_path / "queue"
+    make_round(queue, 0, choose=True)
+    monkeypatch.setattr(label, "time", SimpleNamespace(sleep=ctrl_c))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("1 2 3\n3\n2\n"))  # a ranking is no choice: asked again
+    label.main(label.Config(queue=str(queue)))
+    assert capsys.readouterr().out.count("the number of the best response, 1 to 3") == 1
+    assert read(queue / "round_00000.labels.jsonl") == [dict(ROUND[0], best=2), dict(ROUND[1], best=1)]
+    assert (queue / "round_00000.done").exists()

@@ -1,13 +1,19 @@
 """Online data collection's parts (nanorlhf/online.py); train_ppo.py's online mode runs in test_pipeline.py."""
 
 import contextlib
+import json
 import random
+import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from conftest import TINY
-from nanorlhf import online, tasks
+from conftest import TINY, load_script
+from nanorlhf import checkpoint, online, tasks
+from nanorlhf.config import UserError
+from nanorlhf.data import write_jsonl
 from nanorlhf.model import GPT, ScalarModel
 from nanorlhf.optim import adamw
 from nanorlhf.reward import accuracy, score_texts
@@ -98,3 +104,126 @@ def test_the_normalisation_samples_are_those_ppo_scores():
         ("a", " 1<|endoftext|>"), ("c", " 3<|endoftext|>")]
     assert online.scored_pairs(prompts, [(" 1", True), (" 2", False), (" 3", False)]) == [
         ("a", " 1<|endoftext|>"), ("b", " 2"), ("c", " 3")]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A person as the labeler (--online_labeler person): the run's side of the queue; the labeler's is in test_label.py.
+
+def play_person(queue, skip_last=False):
+    """A fake `python -m nanorlhf.label --queue`, called where the run sleeps between looks: answers every open
+    round (rankings in the reverse of the shown order, or the last response as the best), writes its .done."""
+    written = []
+    for path in sorted(queue.glob("round_?????.jsonl")):
+        if path.with_suffix(".done").exists():
+            continue
+        shown = [json.loads(line) for line in path.read_text().splitlines()]
+        labels = [{"prompt": r["prompt"], "responses": r["responses"], "best": len(r["responses"]) - 1}
+                  if r["choose"] else {"prompt": r["prompt"], "responses": r["responses"][::-1]}
+                  for r in shown[:len(shown) - skip_last]]
+        write_jsonl(path.with_suffix(".labels.jsonl"), labels)
+        path.with_suffix(".done").touch()
+        written += labels
+    return written
+
+
+def test_a_round_for_a_person_is_written_distinct_and_waits_for_the_done(tmp_path, monkeypatch, capsys):
+    queue, sleeps, answered = tmp_path / "queue", [], []
+    records = [{"prompt": "a", "responses": ["x", "y", "x"]}, {"prompt": "b", "responses": ["z", "z", "z"]},
+               {"prompt": "c", "responses": ["u", "v", "w"]}]
+
+    def person(seconds):
+        sleeps.append(seconds)
+        answered.extend(play_person(queue, skip_last=True))  # "c" skipped
+
+    monkeypatch.setattr(online, "time", SimpleNamespace(time=time.time, sleep=person))
+    labels = online.ask_person(queue, 15, records, choose=False)
+    shown = [json.loads(line) for line in (queue / "round_00015.jsonl").read_text().splitlines()]
+    assert shown == [{"prompt": "a", "responses": ["x", "y"], "choose": False},  # copies gone, "b" dropped
+                     {"prompt": "c", "responses": ["u", "v", "w"], "choose": False}]
+    assert sleeps == [online.POLL_S] and labels == answered == [{"prompt": "a", "responses": ["y", "x"]}]
+    out = capsys.readouterr().out
+    assert out.count("waiting for round_00015.done") == 1 and f"python -m nanorlhf.label --queue {queue}" in out
+    assert not list(tmp_path.glob("**/*.tmp"))  # written through a temporary file, renamed
+    # nothing to ask: every prompt's samples were one text
+    assert online.ask_person(queue, 16, [records[1]], choose=True) == [] and not (queue / "round_00016.jsonl").exists()
+
+
+def test_a_resumed_round_reuses_its_queue_file_and_the_labels_typed(tmp_path, monkeypatch):
+    """Killed while a person labelled round 15 and resumed: the file is served as it is (the new samples go unused),
+    and the label typed before the kill counts."""
+    queue = tmp_path / "queue"
+    before = [{"prompt": "a", "responses": ["x", "y"], "choose": True}, {"prompt": "b", "responses": ["p", "q"],
+                                                                         "choose": True}]
+    write_jsonl(queue / "round_00015.jsonl", before)
+    write_jsonl(queue / "round_00015.labels.jsonl", [{"prompt": "a", "responses": ["x", "y"], "best": 1}])
+    text = (queue / "round_00015.jsonl").read_text()
+
+    def person(seconds):  # the labeler, started again, answers the rest
+        with open(queue / "round_00015.labels.jsonl", "a") as f:
+            f.write(json.dumps({"prompt": "b", "responses": ["p", "q"], "best": 0}) + "\n")
+        (queue / "round_00015.done").touch()
+
+    monkeypatch.setattr(online, "time", SimpleNamespace(time=time.time, sleep=person))
+    new_samples = [{"prompt": "z", "responses": ["1", "2"]}]
+    labels = online.ask_person(queue, 15, new_samples, choose=True)
+    assert (queue / "round_00015.jsonl").read_text() == text
+    assert labels == [{"prompt": "a", "responses": ["x", "y"], "best": 1}, {"prompt": "b", "responses": ["p", "q"],
+                                                                            "best": 0}]
+
+
+def test_labels_that_answer_no_record_of_the_round_are_refused(tmp_path):
+    shown = [{"prompt": "a", "responses": ["x", "y"], "choose": False}]
+    for bad in [{"prompt": "a", "responses": ["x", "z"]}, {"prompt": "b", "responses": ["x", "y"]},
+                {"prompt": "a", "responses": ["y", "x"], "best": 0}]:
+        write_jsonl(tmp_path / "l.jsonl", [{"prompt": "a", "responses": ["y", "x"]}, bad])
+        with pytest.raises(UserError, match=r"l.jsonl:2: not a ranking of the responses of a record of r.jsonl"):
+            online.read_labels(tmp_path / "l.jsonl", Path("r.jsonl"), shown, choose=False)
+    write_jsonl(tmp_path / "l.jsonl", [{"prompt": "a", "responses": ["x", "y"], "best": 2}])
+    with pytest.raises(UserError, match="l.jsonl:1: not a choice"):
+        online.read_labels(tmp_path / "l.jsonl", Path("r.jsonl"), shown, choose=True)
+
+
+def test_a_new_run_refuses_a_queue_with_an_earlier_runs_rounds(tmp_path):
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Human: hi"}])  # any prompts: a person labels them
+    write_jsonl(tmp_path / "ppo" / "queue" / "round_00000.jsonl", [{"prompt": "a", "responses": ["x", "y"]}])
+    cfg = SimpleNamespace(data="", prompts=str(tmp_path / "prompts.jsonl"), out=str(tmp_path / "ppo.pt"),
+                          online_labeler="person", resume=False, rm=str(tmp_path / "none.pt"))
+    with pytest.raises(UserError, match="ppo/queue holds the rounds of an earlier run, .* or continue that run with"):
+        online.start(cfg, None, None, "cpu", contextlib.nullcontext)
+    with pytest.raises(UserError, match="none.pt not found"):  # resumed, it goes on (to the RM, missing here)
+        online.start(SimpleNamespace(**{**vars(cfg), "resume": True}), None, None, "cpu", contextlib.nullcontext)
+
+
+@pytest.mark.parametrize("choose", [False, True])
+def test_train_ppo_waits_for_a_person_and_trains_the_rm_on_the_labels(workdir, tmp_path, monkeypatch, choose):
+    """train_ppo.py --online_labeler person: rounds at iterations 0 and 2 go to out/ppo/queue, the run waits for each
+    .done, and the RM trains on exactly the labels the person wrote (then replayed ones), saved in labels.jsonl."""
+    pairs = [(a, b) for a in range(1, 5) for b in range(1, 5) if a != b]
+    records = [{"prompt": f"Sort: {a} {b}\nAnswer:", "responses": [f" {min(a, b)} {max(a, b)}", f" {a}"]}
+               for a, b in pairs]
+    write_jsonl(tmp_path / "labels.jsonl", [dict(r, best=0) for r in records] if choose else records)
+    torch.manual_seed(0)
+    checkpoint.save(tmp_path / "rm.pt", ScalarModel(TINY), kind="rm", train_config=dict(
+        data=str(tmp_path / "labels.jsonl"), n_normalize=4, k=3, lr=1e-3, label_noise=0.1, batch_size=4,
+        center_coef=0.0, grad_clip=1.0))
+    answered, trained = [], []
+    monkeypatch.setattr(online, "time", SimpleNamespace(
+        time=time.time, sleep=lambda s: answered.append(play_person(tmp_path / "ppo" / "queue"))))
+    real = online.train_rm_steps
+    monkeypatch.setattr(online, "train_rm_steps", lambda rm, opt, groups, *a, **k: trained.append(groups) or real(
+        rm, opt, groups, *a, **k))
+    ppo = load_script("train_ppo")
+    ppo.main(ppo.Config(sft=str(workdir / "out" / "sft.pt"), rm=str(tmp_path / "rm.pt"), eval_prompts="",
+                        prompts=str(workdir / "data" / "prompts_train.jsonl"), out=str(tmp_path / "ppo.pt"), iters=3,
+                        batch_size=4, minibatch_size=4, max_new_tokens=4, online_every=2, online_prompts=3,
+                        online_labeler="person", ckpt_interval=0))
+    assert sorted(p.name for p in (tmp_path / "ppo" / "queue").glob("round_?????.jsonl")) == [
+        "round_00000.jsonl", "round_00002.jsonl"]
+    assert len(answered) == 2 and all(answered)  # one wait per round
+    for labels, groups in zip(answered, trained):
+        assert all(("best" in r) == choose for r in labels)
+        assert groups[:len(labels)] == [online.as_group(r) for r in labels]  # the new labels, then replayed ones
+        assert len(groups) == 2 * len(labels)
+    saved = [json.loads(line) for line in (tmp_path / "ppo" / "labels.jsonl").read_text().splitlines()]
+    assert saved == answered[0] + answered[1]
+    assert "rm" in torch.load(tmp_path / "ppo.pt", weights_only=False)
