@@ -83,11 +83,10 @@ class Config:
 
 
 def load_pairs(path, block_size):
-    """The encoded responses and the (chosen, rejected) pairs of a rankings file."""
-    if preference_kind(path) == "choice":
-        raise UserError(f"{path}: best-of-K choices order only the best; DPO takes rankings or pairs")
+    """The encoded responses and the (chosen, rejected) pairs of a preference file (of a best-of-K choice: (best,
+    other) only)."""
     try:
-        return dpo.pair_examples(load_preferences(path), block_size)
+        return dpo.pair_examples(load_preferences(path), block_size, preference_kind(path) == "choice")
     except ValueError as e:
         raise UserError(f"{path}: {e}") from None
 
@@ -135,7 +134,7 @@ def train_dpo(cfg: Config, staged: checkpoint.Staged):
     ref.to(device).eval().requires_grad_(False)
     block_size = policy.config.block_size
 
-    # 2. The pairs: every C(K, 2) pair of each ranking, the same labels the RM learns from.
+    # 2. The pairs: every C(K, 2) pair of each ranking (of a best-of-K choice: (best, other)), the RM's labels.
     examples, pairs = load_pairs(cfg.data, block_size)
     held_out = load_pairs(cfg.eval_data, block_size) if cfg.eval_data else None
     eval_prompts = load_prompts(cfg.eval_prompts)[:cfg.eval_n] if cfg.eval_prompts else []

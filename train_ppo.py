@@ -380,9 +380,9 @@ def train_ppo(cfg: Config, staged: checkpoint.Staged):
                                                 cfg.temperature, with_entropy=bool(cfg.ent_coef))  # (b, R)
                     logp, entropy = out if cfg.ent_coef else (out, -old_logp[rows])  # (b, R) each
                     ent = ppo.masked_mean(entropy, m)
-                    if grpo:  # GRPO eq. 3: the k3 KL to pi_SFT inside the loss (Dr. GRPO: no length norm)
+                    if grpo:  # GRPO eq. 3: the k3 KL to pi_SFT inside the loss (Dr. GRPO: / max_new_tokens, not |y|)
                         pg_loss, clip_frac, approx_kl = ppo.grpo_loss(logp, old_logp[rows], ref_logp[rows], adv[rows],
-                                                                      m, cfg.cliprange, beta, cfg.estimator == "grpo")
+                            m, cfg.cliprange, beta, cfg.max_new_tokens if cfg.estimator == "drgrpo" else None)
                     else:
                         pg_loss, clip_frac, approx_kl = ppo.policy_loss(logp, old_logp[rows], adv[rows], m,
                                                                         cfg.cliprange)

@@ -7,7 +7,8 @@ For a preferred response y_w and a dispreferred y_l to one prompt x (DPO eq. 7):
 
 where log pi(y|x) is the sum of the response's token log-probs. The implicit reward of a response is
 r(x, y) = beta * (log pi(y|x) - log pi_ref(y|x)) (up to a function of x): DPO fits the Bradley-Terry model of the
-RM's ranking loss (nanorlhf/reward.py) with that reward. A ranking of K responses gives its C(K, 2) pairs.
+RM's ranking loss (nanorlhf/reward.py) with that reward. A ranking of K responses gives its C(K, 2) pairs; a best-of-K
+choice (Ziegler et al.: only the best is known) its K - 1 pairs (best, other).
 """
 
 import itertools
@@ -31,19 +32,21 @@ def dpo_loss(logp_w, logp_l, ref_w, ref_l, beta):
     return -F.logsigmoid(margin).mean(), (margin > 0).float().mean()
 
 
-def ranking_pairs(responses):
+def ranking_pairs(responses, choice=False):
     """(i, j) index pairs of a ranking stored best first, i ranked above j, leaving out identical responses (there
-    is no right order between two copies of one response, and their pair would only add a constant log 2)."""
-    return [(i, j) for i, j in itertools.combinations(range(len(responses)), 2) if responses[i] != responses[j]]
+    is no right order between two copies of one response, and their pair would only add a constant log 2).
+    choice: a best-of-K choice, best first and the others in no order: only the pairs (0, j) are known."""
+    return [(i, j) for i, j in itertools.combinations(range(len(responses)), 2)
+            if responses[i] != responses[j] and (i == 0 or not choice)]
 
 
-def pair_examples(groups, block_size):
-    """Every C(K, 2) pair of each ranking (identical responses left out), as token examples for sequence_logprobs:
-    (examples, pairs) with examples the distinct (prompt, response) encodings and pairs (chosen, rejected) indices
-    into them (a response shared by several pairs is encoded, and scored, once)."""
+def pair_examples(groups, block_size, choice=False):
+    """Every known pair of each group (ranking_pairs), as token examples for sequence_logprobs: (examples, pairs)
+    with examples the distinct (prompt, response) encodings and pairs (chosen, rejected) indices into them (a
+    response shared by several pairs is encoded, and scored, once). choice: the groups are best-of-K choices."""
     examples, slot, pairs = [], {}, []
     for prompt, responses in groups:
-        for i, j in ranking_pairs(responses):
+        for i, j in ranking_pairs(responses, choice):
             ids = []
             for r in (responses[i], responses[j]):
                 if (prompt, r) not in slot:

@@ -153,13 +153,13 @@ def k3_kl(logp, ref_logp):
     return log_ratio.exp() - log_ratio - 1
 
 
-def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, beta=0.04, length_norm=True):
+def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, beta=0.04, max_len=None):
     """GRPO's objective (Shao et al. 2024, eq. 3) as a loss to minimise, the sequence's advantage on each token:
 
         L = -1/G sum_i 1/|y_i| sum_t [ min(ratio A_i, clip(ratio, 1-eps, 1+eps) A_i) - beta * KL3_t ]
 
-    with the KL in the loss (not in the reward) as k3_kl. length_norm=False is Dr. GRPO: the token terms are summed
-    and divided by G * R (R = the longest response of the batch), the same constant for every response, so long
+    with the KL in the loss (not in the reward) as k3_kl. With max_len, Dr. GRPO: the token terms are summed and
+    divided by G * max_len (the generation budget), one constant for every response, batch and process, so long
     wrong answers are not penalised less per token than short ones. adv (B,), the rest (B, R). Returns the loss,
     the fraction of tokens where clipping was active and approx KL(pi_old || pi), as policy_loss does."""
     log_ratio = (logp - old_logp) * mask
@@ -168,10 +168,10 @@ def grpo_loss(logp, old_logp, ref_logp, adv, mask, clip=0.2, beta=0.04, length_n
     unclipped, clipped = ratio * a, torch.clamp(ratio, 1.0 - clip, 1.0 + clip) * a  # (B, R) each
     kl = k3_kl(logp, ref_logp) * mask  # (B, R)
     per_token = -(torch.minimum(unclipped, clipped) - beta * kl) * mask  # (B, R)
-    if length_norm:
+    if max_len is None:
         loss = (per_token.sum(1) / mask.sum(1).clamp(min=1)).mean()
     else:
-        loss = per_token.sum() / mask.numel()
+        loss = per_token.sum() / (len(mask) * max_len)
     with torch.no_grad():
         clip_frac = masked_mean((clipped < unclipped).float(), mask)
         approx_kl = masked_mean((ratio - 1) - log_ratio, mask)

@@ -40,6 +40,14 @@ def test_ranking_pairs_leave_out_identical_responses():
     assert dpo.ranking_pairs(["a", "b", "a"]) == [(0, 1), (1, 2)]
 
 
+def test_a_best_of_k_choice_gives_only_the_pairs_of_the_best():
+    assert dpo.ranking_pairs(["a", "b", "c"], choice=True) == [(0, 1), (0, 2)]
+    assert dpo.ranking_pairs(["a", "b", "a", "c"], choice=True) == [(0, 1), (0, 3)]
+    groups = [("Count: 1 2\nAnswer:", [" 2<|endoftext|>", " 3<|endoftext|>", " 1<|endoftext|>"])]
+    examples, pairs = dpo.pair_examples(groups, 32, choice=True)
+    assert len(examples) == 3 and pairs == [(0, 1), (0, 2)]
+
+
 def test_sequence_logprobs_sum_the_response_tokens():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=50257, n_layer=1, n_head=2, n_embd=16)).eval()
@@ -73,3 +81,16 @@ def test_train_dpo_end_to_end(workdir, tmp_path):
     assert ckpt["kind"] == "dpo" and not torch.equal(ckpt["model"]["lm_head.weight"], sft["model"]["lm_head.weight"])
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "dpo" / "metrics.jsonl") if "loss" in line]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and losses[-1] < losses[0]  # starts at log 2 (pi = ref)
+
+
+def test_train_dpo_on_best_of_k_choices(workdir, tmp_path):
+    """A choice {"prompt", "responses", "best": i} gives DPO the pairs (best, other), K - 1 of them: 4 x 2 here."""
+    choices = [{"prompt": f"Sort: {a} {b}\nAnswer:", "responses": [f" {a}", f" {min(a, b)} {max(a, b)}", f" {b} {b}"],
+                "best": 1} for a, b in ((3, 1), (2, 5), (7, 4), (9, 0), (6, 8), (1, 2))]
+    write_jsonl(tmp_path / "train.jsonl", choices[:4])
+    write_jsonl(tmp_path / "eval.jsonl", choices[4:])
+    r = run("train_dpo.py", "--data", tmp_path / "train.jsonl", "--eval_data", tmp_path / "eval.jsonl",
+            "--batch_size", 4, "--epochs", 1, "--eval_n", 0, "--max_new_tokens", 4, "--out", tmp_path / "dpo.pt",
+            cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "DPO: 8 pairs of 12 responses" in r.stdout

@@ -51,7 +51,7 @@ def test_grpo_loss_clips_and_charges_the_k3_kl_by_hand():
     assert logp.grad[0, 0] == 0 and logp.grad[1, 0] == 0 and logp.grad[1, 1] == 0
     assert logp.grad[0, 1].item() == pytest.approx((-0.9 + beta * (1 - math.e)) / 4)
     # Dr. GRPO: the same token terms summed, over G * R = 4 for every response
-    loss_dr, _, _ = ppo.grpo_loss(logp, old, ref, adv, mask, clip=0.2, beta=beta, length_norm=False)
+    loss_dr, _, _ = ppo.grpo_loss(logp, old, ref, adv, mask, clip=0.2, beta=beta, max_len=2)
     assert loss_dr.item() == pytest.approx((sum(row0) + sum(row1)) / 4)
 
 

@@ -146,6 +146,12 @@ def test_grpo_loss_by_hand():
     loss, clip_frac, approx_kl = ppo.grpo_loss(logp, logp, ref, adv, mask, beta=beta)
     per_seq = [(-1.0 + (-1.0 + beta * kl)) / 2, 2.0 / 1]  # -(A - beta KL) per token, over each length
     assert loss.item() == pytest.approx(sum(per_seq) / 2)
-    loss_dr, _, _ = ppo.grpo_loss(logp, logp, ref, adv, mask, beta=beta, length_norm=False)
+    loss_dr, _, _ = ppo.grpo_loss(logp, logp, ref, adv, mask, beta=beta, max_len=2)
     assert loss_dr.item() == pytest.approx((-1.0 + (-1.0 + beta * kl) + 2.0) / 4)  # summed, over G * R = 4
+    # Dr. GRPO's constant is the generation budget, not the batch's width: a process (or an iteration) whose
+    # longest response is longer gets the same loss for the same responses (padding columns change nothing)
+    wide = [torch.cat([x, torch.zeros(2, 3)], 1) for x in (logp, ref, mask)]
+    loss_wide, _, _ = ppo.grpo_loss(wide[0], wide[0], wide[1], adv, wide[2], beta=beta, max_len=16)
+    assert loss_wide.item() == pytest.approx(ppo.grpo_loss(logp, logp, ref, adv, mask, beta=beta, max_len=16)[0].item())
+    assert loss_wide.item() == pytest.approx(loss_dr.item() * 4 / 32)
     assert clip_frac.item() == 0.0 and approx_kl.item() == 0.0  # pi = pi_old: nothing clipped, no step taken yet
