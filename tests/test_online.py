@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -227,3 +228,31 @@ def test_train_ppo_waits_for_a_person_and_trains_the_rm_on_the_labels(workdir, t
     saved = [json.loads(line) for line in (tmp_path / "ppo" / "labels.jsonl").read_text().splitlines()]
     assert saved == answered[0] + answered[1]
     assert "rm" in torch.load(tmp_path / "ppo.pt", weights_only=False)
+
+
+def test_make_online_runs_flags_its_scripts_take():
+    """`make online` (the offline-against-online comparison): each step's flags parse with that step's Config, and
+    PPO's RM is the one trained on half the labels, its online rounds writing the other half."""
+    import importlib
+    import shutil
+    import subprocess
+    from conftest import ROOT
+    from nanorlhf.config import parse_args
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    lines = subprocess.run(["make", "-n", "online", "PY=python"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.splitlines()  # (setup's steps too, where it is not done)
+    steps = [line.split()[1:] for line in lines if line.startswith(("python train_", "python -m nanorlhf."))
+             and "nanorlhf.tokenizer" not in line]
+    assert [s[0] if s[0] != "-m" else s[1] for s in steps] == [
+        "train_rm.py", "train_ppo.py", "nanorlhf.evaluate", "nanorlhf.overopt"]
+    cfgs = []
+    for step in steps:
+        module = load_script(step[0][:-3]) if step[0].endswith(".py") else importlib.import_module(step[1])
+        cls = getattr(module, "Config", None) or module.EvalConfig
+        cfgs.append(parse_args(cls, step[1:] if step[0].endswith(".py") else step[2:]))
+    rm, ppo, ev, over = cfgs
+    assert ppo.rm == rm.out and ppo.online_every > 0 and ev.ppo == ppo.out
+    offline_labels = load_script("train_rm").Config().n_prompts  # the demo's RM
+    assert rm.n_prompts + math.ceil(ppo.iters / ppo.online_every) * ppo.online_prompts == offline_labels
+    assert over.ppo.split(",") == [load_script("train_ppo").Config().out, ppo.out]
