@@ -40,7 +40,7 @@ bench: setup
 online: setup
 	$(PY) train_rm.py --n_prompts 2000 --out out/online/rm.pt
 	$(PY) train_ppo.py --rm out/online/rm.pt --online_every 15 --online_prompts 200 --out out/online/ppo.pt
-	$(PY) -m nanorlhf.evaluate --ppo out/online/ppo.pt --best_of 1 --out out/online/eval.md
+	$(PY) -m nanorlhf.evaluate --ppo out/online/ppo.pt --out out/online/eval.md
 	$(PY) -m nanorlhf.overopt --ppo out/ppo.pt,out/online/ppo.pt --labels offline,online --out out/online/overopt
 
 rehearse: setup
