@@ -175,7 +175,8 @@ def label_prompts(out, prompts, responses_of, choose):
                             f"--out or {'leave out' if choose else 'add'} --choose")
         done.update(prompt for prompt, _ in load_preferences(out))
     todo = sum((Counter(prompts) - done).values())
-    print(f"{sum(done.values())} rankings already in {out}; {todo} of {len(prompts)} prompts to go")
+    kinds = "choices" if choose else "rankings"
+    print(f"{sum(done.values())} {kinds} already in {out}; {todo} of {len(prompts)} prompts to go")
     if todo == 0:
         return True
     if hasattr(sys.stdin, "reconfigure"):
@@ -206,7 +207,7 @@ def label_prompts(out, prompts, responses_of, choose):
             f.flush()
             os.fsync(f.fileno())  # on disk now: a crash or a power cut keeps every ranking typed so far
             labeled += 1
-    print(f"labeled {labeled} prompts this session; rankings are in {out}")
+    print(f"labeled {labeled} prompts this session; {kinds} are in {out}")
     return finished
 
 

@@ -129,7 +129,9 @@ def test_choose_mode_writes_the_best_of_k(tmp_path, ckpt, monkeypatch, capsys, o
     monkeypatch.setattr(sys, "stdin", io.StringIO("1 2\n9\n²\n3\ns\n"))  # a ranking, out of range, no number: asked
     label.main(label.Config(ckpt=str(ckpt), prompts=str(tmp_path / "prompts.jsonl"), out=str(out), choose=True,
                             **ARGS))
-    assert capsys.readouterr().out.count("the number of the best response, 1 to 4") == 3
+    stdout = capsys.readouterr().out
+    assert stdout.count("the number of the best response, 1 to 4") == 3 and "0 choices already in" in stdout
+    assert "choices are in" in stdout
     r0 = expected_responses(ckpt, 0)
     assert [json.loads(line) for line in out.read_text().splitlines()] == [
         {"prompt": PROMPTS[0], "responses": r0, "best": 2}]
