@@ -37,12 +37,10 @@ import torch
 from nanorlhf import checkpoint, cpu, tasks
 from nanorlhf.config import UserError, at_least, check_writable, positive, run, seed_range
 from nanorlhf.data import load_prompts
-from nanorlhf.evaluate import gold, mean_stderr
+from nanorlhf.evaluate import mean_stderr
 from nanorlhf.metrics import read_metrics
-from nanorlhf.model import GPT, ScalarModel
-from nanorlhf.overopt import bon_kl, best_of_n, sft_samples
-from nanorlhf.reward import score_texts
-from nanorlhf.rollout import as_response, rollouts
+from nanorlhf.model import ScalarModel
+from nanorlhf.overopt import bon_kl, best_of_n, evaluate_policy, load_gpt, sft_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO", "drgrpo": "Dr. GRPO"}  # train_ppo.py --estimator: the name
@@ -121,24 +119,6 @@ def estimators(cfg):
     if not set(names) <= set(METHODS):
         raise UserError(f"--rl_estimators must be among {', '.join(METHODS)}, got {cfg.rl_estimators!r}")
     return names
-
-
-def load_gpt(path, made_by, kind):
-    """A GPT checkpoint's policy, in eval mode, and the config of the run that trained it."""
-    ckpt = checkpoint.load(path, made_by=made_by, kind=kind)
-    model = GPT(checkpoint.model_config(ckpt))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), ckpt.get("train_config", {})
-
-
-def evaluate_policy(cfg, policy, sft, rm, prompts, device):
-    """One sample per prompt: gold mean and s.e., RM score, KL to SFT (nats per response)."""
-    g = torch.Generator(device=device).manual_seed(cfg.seed)
-    samples = rollouts(policy, prompts, cfg.max_new_tokens, cfg.temperature, generator=g, ref=sft)
-    scores = score_texts(rm, prompts, [as_response(t, e) for t, e, _ in samples]).tolist()
-    rm_scores = [s if e else cfg.no_eos_penalty for s, (_, e, _) in zip(scores, samples)]
-    m, se = mean_stderr([gold(p, t, e) for p, (t, e, _) in zip(prompts, samples)])
-    return dict(gold=m, gold_se=se, rm=sum(rm_scores) / len(rm_scores), kl=sum(k for *_, k in samples) / len(samples))
 
 
 def best_of_n_points(cfg, sft, rm, prompts, device):

@@ -13,8 +13,13 @@ SFT is known in closed form (Stiennon et al. 2020, appendix; Gao et al. eq. 3):
 
 PPO: the held-out gold scores its run logged (metrics.jsonl, every eval_interval iterations) against the KL of that
 iteration's rollouts (sum over a response of log pi - log pi_SFT, the run's own estimate), and the RM's mean score
-on those rollouts as the proxy. Gao et al.'s functional forms, fitted by least squares to R(d) - R(0) (both are
-linear in alpha and beta):
+on those rollouts as the proxy. Or, with --endpoints, the last policies of runs at different fixed beta, one point
+each: here PPO's KL reaches its level within a few iterations and gold then rises at that KL, so one run does not
+trace the curve, while runs at many beta do (Gao et al. found the KL penalty to act much like early stopping).
+
+    python -m nanorlhf.overopt --ppo "" --endpoints runs/b0.01.pt,runs/b0.05.pt,runs/b0.2.pt,runs/b1.pt
+
+Gao et al.'s functional forms, fitted by least squares to R(d) - R(0) (both are linear in alpha and beta):
 
     best-of-n   R(d) = d (alpha - beta d)
     RL          R(d) = d (alpha - beta log d)
@@ -31,7 +36,7 @@ import torch
 from nanorlhf import checkpoint, cpu, tasks
 from nanorlhf.config import UserError, at_least, check_writable, positive, run, seed_range
 from nanorlhf.data import load_prompts
-from nanorlhf.evaluate import gold
+from nanorlhf.evaluate import gold, mean_stderr
 from nanorlhf.metrics import read_metrics
 from nanorlhf.model import GPT, ScalarModel
 from nanorlhf.reward import score_texts
@@ -51,6 +56,9 @@ class Config:
     """PPO checkpoints, comma-separated; each one's run metrics (out/ppo.pt -> out/ppo/metrics.jsonl) give a curve"""
     labels: str = ""
     """names of the PPO curves, comma-separated ("" = the checkpoints' paths)"""
+    endpoints: str = ""
+    """PPO checkpoints of runs that differ in their fixed beta, comma-separated: each final policy is one point of a
+    single curve (one sample per held-out prompt of --prompts), the RL form fitted across them"""
     prompts: str = "data/prompts_eval.jsonl"
     """held-out prompts of the built-in task"""
     n_prompts: int = 200
@@ -127,12 +135,30 @@ def bon_curve(cfg, sft, rm, prompts, device):
 
 
 def ppo_curve(path):
-    """[(iteration, KL, gold, proxy)] at the iterations a PPO run evaluated its held-out gold score."""
+    """[("iteration i", KL, gold, proxy)] at the iterations a PPO run evaluated its held-out gold score."""
     records = read_metrics(Path(path).with_suffix(""))
-    points = [(r["step"], r["kl"], r["gold"], r["score"]) for r in records if "gold" in r and "kl" in r]
+    points = [(f"iteration {r['step']}", r["kl"], r["gold"], r["score"]) for r in records if "gold" in r and "kl" in r]
     if not points:
         raise UserError(f"{Path(path).with_suffix('')}/metrics.jsonl: no iteration with a held-out gold score")
     return points
+
+
+def load_gpt(path, made_by, kind):
+    """A GPT checkpoint's policy, in eval mode, and the config of the run that trained it."""
+    ckpt = checkpoint.load(path, made_by=made_by, kind=kind)
+    model = GPT(checkpoint.model_config(ckpt))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), ckpt.get("train_config", {})
+
+
+def evaluate_policy(cfg, policy, sft, rm, prompts, device):
+    """One sample per prompt: gold mean and s.e., RM score, KL to SFT (nats per response)."""
+    g = torch.Generator(device=device).manual_seed(cfg.seed)
+    samples = rollouts(policy, prompts, cfg.max_new_tokens, cfg.temperature, generator=g, ref=sft)
+    scores = score_texts(rm, prompts, [as_response(t, e) for t, e, _ in samples]).tolist()
+    rm_scores = [s if e else cfg.no_eos_penalty for s, (_, e, _) in zip(scores, samples)]
+    m, se = mean_stderr([gold(p, t, e) for p, (t, e, _) in zip(prompts, samples)])
+    return dict(gold=m, gold_se=se, rm=sum(rm_scores) / len(rm_scores), kl=sum(k for *_, k in samples) / len(samples))
 
 
 def load_models(cfg, device):
@@ -151,8 +177,8 @@ def table(bon, runs, base_gold, base_proxy):
     lines = ["| curve | point | KL (nats) | d = sqrt(KL) | gold | proxy (RM) |", "|---|---|---|---|---|---|"]
     lines += [f"| best-of-n | n = {n} | {kl:.3f} | {math.sqrt(kl):.3f} | {g:.3f} | {p:+.3f} |" for n, kl, g, p in bon]
     for label, pts in runs.items():
-        lines += [f"| {label} | iteration {it} | {kl:.3f} | {math.sqrt(max(kl, 0)):.3f} | {g:.3f} | {p:+.3f} |"
-                  for it, kl, g, p in pts]
+        lines += [f"| {label} | {point} | {kl:.3f} | {math.sqrt(max(kl, 0)):.3f} | {g:.3f} | {p:+.3f} |"
+                  for point, kl, g, p in pts]
     lines += ["", "Fits to the gain over SFT (gold - gold_SFT, proxy - proxy_SFT), d > 0:", "",
               "| curve | score | form | alpha | beta | R^2 |", "|---|---|---|---|---|---|"]
     curves = {"best-of-n": ("bon", [(kl, g, p) for _, kl, g, p in bon[1:]])}
@@ -214,15 +240,25 @@ def main(cfg: Config):
         raise UserError(f"--labels names {len(labels)} curves, --ppo {len(paths)}")
     check_writable(Path(cfg.out).with_suffix(".md"), "--out")
     runs = {label: ppo_curve(p) for label, p in zip(labels, paths)}  # read first: a bad path fails fast
-    prompts = [p for p in load_prompts(cfg.prompts) if tasks.is_task_prompt(p)][:cfg.n_prompts]
+    ends = [load_gpt(p, "train_ppo.py", "ppo") for p in cfg.endpoints.split(",") if p]
+    every = [p for p in load_prompts(cfg.prompts) if tasks.is_task_prompt(p)]
+    prompts = every[:cfg.n_prompts]
     if not prompts:
         raise UserError(f"{cfg.prompts}: no prompt of the built-in task (the gold score exists only for those)")
     sft, rm = load_models(cfg, device)
     bon = bon_curve(cfg, sft, rm, prompts, device)
+    if ends:  # each run's last policy: one curve across runs instead of along one, in the order of their KL
+        points = []
+        for policy, tc in ends:
+            r = evaluate_policy(cfg, policy.to(device), sft, rm, every, device)
+            beta = f"beta = {tc.get('init_kl_coef', float('nan')):g}" + (" (adaptive)" if tc.get("adaptive_kl") else "")
+            points.append((beta, r["kl"], r["gold"], r["rm"]))
+        runs["PPO, one run per beta"] = sorted(points, key=lambda x: x[1])
     base_gold, base_proxy = bon[0][2], bon[0][3]  # n = 1: SFT itself
     text, fits = table(bon, runs, base_gold, base_proxy)
     header = (f"Over-optimisation: best-of-n on {len(prompts)} held-out prompts x {cfg.max_n} SFT samples; "
-              f"PPO from its runs' held-out evaluations.\n\n")
+              f"PPO from its runs' held-out evaluations"
+              + (f"; PPO's endpoints on {len(every)} held-out prompts, one sample each" if ends else "") + ".\n\n")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(header + text + "\n")

@@ -7,7 +7,7 @@ import torch
 
 from conftest import TINY, run
 from nanorlhf import checkpoint, overopt
-from nanorlhf.model import ScalarModel
+from nanorlhf.model import GPT, ScalarModel
 
 
 def test_best_of_n_averages_over_every_subset():
@@ -53,3 +53,31 @@ def test_overopt_end_to_end(workdir, tmp_path):
     assert "| offline | gold | d (α − β log d) |" in report and (tmp_path / "curve.png").stat().st_size > 0
     bad = run("nanorlhf.overopt", "--ppo", tmp_path / "nope.pt", cwd=workdir)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "metrics.jsonl" in bad.stderr
+
+
+def test_overopt_endpoints_fit_one_curve_across_runs(workdir, tmp_path):
+    """--endpoints: each run's last policy is one point (its gold, RM score and KL to SFT on the held-out prompts),
+    named by its beta, in the order of their KL, fitted with the RL form; --ppo "" draws no run's own curve."""
+    torch.manual_seed(3)
+    checkpoint.save(tmp_path / "rm.pt", ScalarModel(TINY), kind="rm")
+    sft = torch.load(workdir / "out" / "sft.pt", weights_only=False)
+    paths = []
+    for i, beta in enumerate((0.5, 0.05, 0.2)):
+        policy = GPT(TINY)
+        policy.load_state_dict(sft["model"])
+        with torch.no_grad():  # moved from SFT by a different amount each
+            policy.lm_head.weight.add_(torch.randn_like(policy.lm_head.weight) * 0.5 * (3 - i))
+        paths.append(tmp_path / f"b{beta}.pt")
+        checkpoint.save(paths[-1], policy, kind="ppo", train_config=dict(init_kl_coef=beta, adaptive_kl=False))
+    r = run("nanorlhf.overopt", "--sft", "out/sft.pt", "--rm", tmp_path / "rm.pt", "--ppo", "", "--endpoints",
+            ",".join(map(str, paths)), "--n_prompts", 4, "--max_n", 4, "--max_new_tokens", 4, "--out",
+            tmp_path / "curve", cwd=workdir)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = (tmp_path / "curve.md").read_text()
+    rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| PPO, one run per beta | beta")]
+    assert sorted(row[1] for row in rows) == ["beta = 0.05", "beta = 0.2", "beta = 0.5"]
+    kls = [float(row[2]) for row in rows]
+    assert kls == sorted(kls) and kls[0] > 0  # in the order of their KL to SFT (the reverse of the flag's order)
+    assert [row[1] for row in rows] == ["beta = 0.2", "beta = 0.05", "beta = 0.5"]
+    assert "| PPO, one run per beta | gold | d (α − β log d) |" in report and "iteration" not in report
+    assert "PPO's endpoints on 20 held-out prompts" in report
