@@ -256,8 +256,8 @@ def main(cfg: Config):
         runs["PPO, one run per beta"] = sorted(points, key=lambda x: x[1])
     base_gold, base_proxy = bon[0][2], bon[0][3]  # n = 1: SFT itself
     text, fits = table(bon, runs, base_gold, base_proxy)
-    header = (f"Over-optimisation: best-of-n on {len(prompts)} held-out prompts x {cfg.max_n} SFT samples; "
-              f"PPO from its runs' held-out evaluations"
+    header = (f"Over-optimisation: best-of-n on {len(prompts)} held-out prompts x {cfg.max_n} SFT samples"
+              + ("; PPO from its runs' held-out evaluations" if paths else "")
               + (f"; PPO's endpoints on {len(every)} held-out prompts, one sample each" if ends else "") + ".\n\n")
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
