@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from nanorlhf import checkpoint, cpu, dist, online, ppo
 from nanorlhf.config import (DTYPES, UserError, at_least, check_room, checkpoint_name, file_name, finite, in_range,
-                             one_of, positive, require, run, seed_range)
+                             left_default, one_of, positive, require, run, seed_range)
 from nanorlhf.data import encode_lm_data, load_prompts
 from nanorlhf.evaluate import gold_eval
 from nanorlhf.metrics import MetricsLog
@@ -163,9 +163,9 @@ class Config:
         require(not (self.online_every and self.fsdp), "--online_every trains the RM unsharded: leave out --fsdp")
         require(self.estimator == "gae" or self.samples_per_prompt >= 2, f"--samples_per_prompt must be at least 2 "
                 f"with --estimator {self.estimator} (a baseline from the others), got {self.samples_per_prompt}")
-        gae_only = [f for f in ("vf_lr", "value_embeddings", "gamma", "lam", "cliprange_value", "whiten_rewards")
-                    if getattr(self, f) != getattr(type(self), f) and self.estimator != "gae"]  # V's, GAE's settings
-        require(not gae_only, f"--{(gae_only or [''])[0]} is GAE's: --estimator {self.estimator} has no value function")
+        if self.estimator != "gae":  # V's and GAE's settings
+            left_default(self, ("vf_lr", "value_embeddings", "gamma", "lam", "cliprange_value", "whiten_rewards"),
+                         f"is GAE's: --estimator {self.estimator} has no value function")
         require(self.batch_size % self.samples_per_prompt == 0, f"--batch_size must be a multiple of "
                 f"--samples_per_prompt {self.samples_per_prompt}, got {self.batch_size}")
         require(self.minibatch_size <= self.batch_size, f"--minibatch_size must be at most --batch_size "

@@ -112,6 +112,12 @@ def one_of(cfg, name, choices) -> None:
     require(value in choices, f"--{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
 
 
+def left_default(cfg, names, why) -> None:
+    """Each of the fields `names` keeps its default, where a value would be ignored: else "--NAME {why}"."""
+    for name in names:
+        require(getattr(cfg, name) == getattr(type(cfg), name), f"--{name} {why}")
+
+
 def seed_range(cfg, name="seed", lowest=-2 ** 63) -> None:
     """A seed torch accepts: a 64-bit integer."""
     value = getattr(cfg, name)

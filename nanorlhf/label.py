@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from nanorlhf.config import (at_least, check_room, check_writable, file_name, finite, in_range, positive, require,
+from nanorlhf.config import (at_least, check_room, check_writable, file_name, finite, in_range, left_default, positive,
                              run, seed_range)
 from nanorlhf.config import UserError
 from nanorlhf.data import load_preferences, load_prompts, preference_kind, read_jsonl
@@ -76,10 +76,10 @@ class Config:
 
     def __post_init__(self):  # ranges of the flags, checked whenever a Config is made (nanorlhf/config.py)
         finite(self)
-        unused = [f for f in ("ckpt", "prompts", "out", "k", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                              "choose") if self.queue and getattr(self, f) != getattr(type(self), f)]
-        require(not unused, f"--{(unused or [''])[0]} is not used with --queue: the run samples the responses and "
-                            f"says whether to rank them or choose the best")
+        if self.queue:
+            left_default(self, ("ckpt", "prompts", "out", "k", "max_new_tokens", "temperature", "top_k", "top_p",
+                                "seed", "choose"), "is not used with --queue: the run samples the responses and says "
+                         "whether to rank them or choose the best")
         file_name(self, "ckpt", "prompts", "out")
         at_least(self, 2, "k")  # a ranking compares responses
         at_least(self, 1, "max_new_tokens")
