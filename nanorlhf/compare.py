@@ -34,13 +34,12 @@ from pathlib import Path
 
 import torch
 
-from nanorlhf import checkpoint, cpu, tasks
+from nanorlhf import cpu, tasks
 from nanorlhf.config import UserError, at_least, check_writable, positive, run, seed_range
 from nanorlhf.data import load_prompts
 from nanorlhf.evaluate import mean_stderr
 from nanorlhf.metrics import read_metrics
-from nanorlhf.model import ScalarModel
-from nanorlhf.overopt import bon_kl, best_of_n, evaluate_policy, load_gpt, sft_samples
+from nanorlhf.overopt import bon_kl, best_of_n, evaluate_policy, load_gpt, load_models, sft_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {"gae": "PPO", "rloo": "RLOO", "grpo": "GRPO", "drgrpo": "Dr. GRPO"}  # train_ppo.py --estimator: the name
@@ -213,10 +212,7 @@ def main(cfg: Config):
     prompts = [p for p in load_prompts(cfg.prompts) if tasks.is_task_prompt(p)][:cfg.n]
     if not prompts:
         raise UserError(f"{cfg.prompts}: no prompt of the built-in task (the gold score exists only for those)")
-    sft = load_gpt(cfg.sft, "train_sft.py", "sft")[0].to(device)
-    rm_ckpt = checkpoint.load(cfg.rm, made_by="train_rm.py", kind="rm")
-    rm = ScalarModel(checkpoint.model_config(rm_ckpt)).to(device).eval()
-    rm.load_state_dict(rm_ckpt["model"])
+    sft, rm = load_models(cfg, device)
     out.mkdir(parents=True, exist_ok=True)
 
     rows = best_of_n_points(cfg, sft, rm, prompts, device) if numbers(cfg, "bon") else []

@@ -163,9 +163,7 @@ def evaluate_policy(cfg, policy, sft, rm, prompts, device):
 
 def load_models(cfg, device):
     """The SFT policy and the reward model, in eval mode."""
-    sft_ckpt = checkpoint.load(cfg.sft, made_by="train_sft.py", kind="sft")
-    sft = GPT(checkpoint.model_config(sft_ckpt)).to(device).eval()
-    sft.load_state_dict(sft_ckpt["model"])
+    sft = load_gpt(cfg.sft, "train_sft.py", "sft")[0].to(device)
     rm_ckpt = checkpoint.load(cfg.rm, made_by="train_rm.py", kind="rm")
     rm = ScalarModel(checkpoint.model_config(rm_ckpt)).to(device).eval()
     rm.load_state_dict(rm_ckpt["model"])
